@@ -1,0 +1,40 @@
+# Two commands do all set-up on a fresh machine:
+#   make demo   trains the embedded default (Fashion-MNIST from Debian's dataset-fashion-mnist)
+#   make test   runs the test suite
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+FASHION_MNIST_DIR ?= /usr/share/datasets/fashion-mnist
+PYTEST_ARGS ?=
+
+.PHONY: venv data test test-slow demo model-table clean
+
+# The stamp is newer than requirements.txt once the pins are installed.
+$(VENV)/.installed: requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $@
+
+venv: $(VENV)/.installed
+
+# Debian ships the full Fashion-MNIST; install it when it is missing (needs root, as CI has).
+data:
+	@test -f $(FASHION_MNIST_DIR)/train-images-idx3-ubyte.gz || \
+	  { echo "installing Debian package dataset-fashion-mnist"; \
+	    apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; }
+
+test: venv data
+	$(PY) -m pytest -q -n 2 tests $(PYTEST_ARGS)
+
+test-slow: venv data
+	$(PY) -m pytest -q -n 2 -m slow tests $(PYTEST_ARGS)
+
+demo: venv data
+	$(PY) train.py --config=configs/demo.py --workdir=runs/demo
+
+model-table: venv
+	$(PY) -m efficientnet_jax.model_table
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
