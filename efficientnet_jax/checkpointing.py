@@ -1,0 +1,509 @@
+"""Checkpoints of the training state; the only module that imports orbax.
+
+The state is a plain dict pytree (`params`, `batch_stats`, `opt_state`, `ema`,
+`step`), saved under `<workdir>/checkpoints/<step>/` as two orbax items:
+`state` (arrays, OCDBT/zarr) and `meta` (a small JSON dict such as
+`{'model': 'b0', 'config_fingerprint': ..., 'stage': 0, 'image_size': 224}`).
+
+Retention: the last `max_to_keep` steps plus the best step by `eval/top1`.
+
+Crash safety, as orbax 0.12 does it on a local filesystem: a save is written to
+`<step>.orbax-checkpoint-tmp/`, `commit_success.txt` is written into it, and the
+directory is then renamed to `<step>/`. A save killed half-way therefore leaves
+only a `*.orbax-checkpoint-tmp` directory, which orbax never lists as a step
+(and replaces when that step is saved again). On GCS there is no rename; the
+step directory counts as finalized only once `commit_success.txt` exists.
+The checks below walk the directory with `os`/`pathlib`, so workdirs must be
+on a local or mounted filesystem (not `gs://`).
+
+Corruption after the fact (a truncated or emptied file, a partial copy) is not
+caught by orbax until tensorstore fails half-way through a restore. `restore`
+and `read_meta` check the step directory first and raise `CheckpointError`
+naming the step and path; nothing is ever deleted. With
+`fallback_to_previous=True`, `restore` takes the newest intact step instead and
+renames the corrupt newer ones to `<step>.corrupt-<time>` (see `restore`).
+
+Pre-emption (SIGTERM): the loop's signal handler only sets a flag; at the next
+step boundary the loop calls `save(..., force=True)` and then `wait(manager)`.
+`force=True` bypasses `save_interval_steps`, and `save` returns False instead of
+failing when that step is already on disk (e.g. SIGTERM right after a periodic
+save). Arrays are copied to host before `save` returns, so the state may be
+donated to the next train step straight away.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import pathlib
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+from jax.experimental import multihost_utils
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as ocp_policies
+
+logger = logging.getLogger(__name__)
+
+CheckpointManager = ocp.CheckpointManager
+
+# Metric that ranks checkpoints for `keep_best`; higher is better.
+BEST_METRIC = 'eval/top1'
+
+_STATE = 'state'
+_META = 'meta'
+# Files every finalized step written by this module contains (orbax 0.12.8).
+# `commit_success.txt` is written before the tmp dir is renamed, so its absence
+# in a step directory means a partial copy rather than an orbax save.
+_STEP_FILES = ('commit_success.txt', '_CHECKPOINT_METADATA')
+_ITEM_FILES = {
+    _STATE: ('commit_success.txt', '_METADATA'),
+    _META: ('commit_success.txt', 'metadata'),
+}
+# Tensorstore reports unreadable data as a ValueError whose message starts with
+# an absl status code; these codes mean the files are damaged, whereas e.g. a
+# shape or tree mismatch with `abstract_state` is the caller's error.
+_CORRUPTION_CODES = ('DATA_LOSS', 'OUT_OF_RANGE', 'NOT_FOUND', 'UNKNOWN')
+
+
+class CheckpointError(Exception):
+  """A checkpoint cannot be written or read: truncated, corrupt or failed save."""
+
+
+def make_checkpoint_manager(
+    workdir: str | os.PathLike[str],
+    *,
+    max_to_keep: int | None = 3,
+    keep_best: bool = True,
+    save_interval_steps: int = 1000,
+    async_save: bool = True,
+) -> CheckpointManager:
+  """Opens (creating if needed) the checkpoint directory `<workdir>/checkpoints`.
+
+  Opening does not modify existing checkpoints: old steps are only removed by
+  a later successful `save`. Call `read_meta` first to refuse a workdir that
+  holds another model's checkpoints.
+
+  Args:
+    workdir: run directory; made absolute, as orbax requires.
+    max_to_keep: number of most recent steps kept; None keeps all.
+    keep_best: also keep the step with the highest `eval/top1` among the
+      saves that passed `metrics`.
+    save_interval_steps: `save` without `force` writes only at multiples of
+      this (and the very first save of a run).
+    async_save: write in a background thread; `wait` blocks until done.
+
+  Returns:
+    An orbax `CheckpointManager`; pass it to the functions of this module.
+
+  Raises:
+    ValueError: if `max_to_keep` or `save_interval_steps` is not positive.
+  """
+  if max_to_keep is not None and max_to_keep < 1:
+    raise ValueError(f'max_to_keep must be >= 1 or None, got {max_to_keep}')
+  if save_interval_steps < 1:
+    raise ValueError(
+        f'save_interval_steps must be >= 1, got {save_interval_steps}'
+    )
+  directory = pathlib.Path(workdir).absolute() / 'checkpoints'
+  # `best_fn`/`max_to_keep` alone would build BestN(n=max_to_keep), which keeps
+  # the best N and may delete the newest step, the one we resume from.
+  # LatestN and BestN(n=1) under AnyPreservationPolicy keep both.
+  policies: list[ocp_policies.PreservationPolicy] = [
+      ocp_policies.LatestN(n=max_to_keep)
+  ]
+  if keep_best and max_to_keep is not None:
+    policies.append(
+        ocp_policies.BestN(
+            get_metric_fn=_best_metric,
+            reverse=False,  # ascending sort, the last n are kept: higher wins
+            n=1,
+            # `save` always writes metrics (maybe `{}`, ranked -inf), so this
+            # only concerns steps whose metrics file is missing: LatestN
+            # covers them, and True would keep them forever.
+            keep_checkpoints_without_metrics=False,
+        )
+    )
+  options = ocp.CheckpointManagerOptions(
+      save_interval_steps=save_interval_steps,
+      preservation_policy=ocp_policies.AnyPreservationPolicy(policies),
+      # Orbax writes `metrics` to disk only when `best_fn` is set. Without them
+      # a restarted run would no longer know which step was best.
+      best_fn=_best_metric,
+      best_mode='max',
+      enable_async_checkpointing=async_save,
+      # Tmp dirs of killed saves are ignored and replaced when that step is
+      # saved again; removing them at start-up is not worth a deletion path.
+      cleanup_tmp_directories=False,
+  )
+  try:
+    return ocp.CheckpointManager(
+        directory, options=options, item_names=(_STATE, _META)
+    )
+  except (json.JSONDecodeError, OSError) as e:
+    # Opening reads every step's `metrics` file and fails on a damaged one.
+    raise CheckpointError(
+        f'Cannot open {directory}: {_find_bad_metrics(directory)}'
+        f' ({type(e).__name__}: {_first_line(e)}). Move that step directory'
+        ' out of the way to continue.'
+    ) from e
+
+
+def save(
+    manager: CheckpointManager,
+    step: int,
+    state: Any,
+    *,
+    meta: Mapping[str, Any],
+    metrics: Mapping[str, Any] | None = None,
+    force: bool = False,
+) -> bool:
+  """Saves `state` and `meta` at `step` if the save interval (or `force`) says so.
+
+  Waits for the previous asynchronous save first, so its failure is raised
+  here rather than lost.
+
+  Args:
+    manager: from `make_checkpoint_manager`.
+    step: training step; the name of the step directory.
+    state: pytree of jax arrays (any sharding).
+    meta: JSON-serialisable dict stored next to the state.
+    metrics: scalars for this step, e.g. {'eval/top1': 0.77}; `eval/top1`
+      decides which step `keep_best` keeps.
+    force: save even off the interval (pre-emption, end of training).
+
+  Returns:
+    True if a save was started, False if skipped (off interval, or `step` is
+    already saved).
+
+  Raises:
+    CheckpointError: the previous asynchronous save failed, or a directory for
+      `step` exists on disk that the manager does not know (orbax would
+      silently replace it).
+    TypeError: `meta` or `metrics` is not JSON-serialisable.
+  """
+  step = int(step)
+  meta = dict(meta)
+  try:
+    json.dumps(meta)
+  except TypeError as e:
+    raise TypeError(f'checkpoint meta must be JSON-serialisable: {e}') from e
+  metrics_json = {k: float(v) for k, v in (metrics or {}).items()}
+  wait(manager)
+  if step in manager.all_steps():
+    logger.info('Checkpoint step %d already exists; not saving again.', step)
+    return False
+  step_dir = _step_dir(manager, step)
+  if step_dir.exists():
+    raise CheckpointError(
+        f'Refusing to save step {step}: {step_dir} exists but is not a'
+        ' checkpoint this manager tracks (orbax would overwrite it). Move it'
+        ' away or use another workdir.'
+    )
+  return manager.save(
+      step,
+      args=ocp.args.Composite(
+          **{
+              _STATE: ocp.args.StandardSave(state),
+              _META: ocp.args.JsonSave(meta),
+          }
+      ),
+      # An empty dict rather than None: orbax warns on every save without
+      # metrics, and the ranking treats the missing metric as -inf anyway.
+      metrics=metrics_json,
+      force=force,
+  )
+
+
+def wait(manager: CheckpointManager) -> None:
+  """Blocks until the pending asynchronous save is on disk.
+
+  Raises:
+    CheckpointError: the pending save failed (orbax only reports an async
+      failure to whoever waits next; google/orbax#605).
+  """
+  pending = manager.latest_step()
+  try:
+    manager.wait_until_finished()
+  except Exception as e:
+    # Orbax forgets the steps it meant to delete after this save even though
+    # they are still on disk; re-reading the directory brings them back.
+    manager.reload()
+    raise CheckpointError(
+        f'Asynchronous save of step {pending} to {manager.directory} failed:'
+        f' {type(e).__name__}: {_first_line(e)}'
+    ) from e
+
+
+def close(manager: CheckpointManager) -> None:
+  """Waits for the pending save (raising its error) and releases the manager."""
+  try:
+    wait(manager)
+  finally:
+    manager.close()
+
+
+def latest_step(manager: CheckpointManager) -> int | None:
+  """Returns the newest finalized step, or None; half-written saves are ignored."""
+  return manager.latest_step()
+
+
+def all_steps(manager: CheckpointManager) -> list[int]:
+  """Returns the finalized steps, oldest first."""
+  return list(manager.all_steps())
+
+
+def best_step(manager: CheckpointManager) -> int | None:
+  """Returns the kept step with the highest `eval/top1` (latest if none has it)."""
+  return manager.best_step()
+
+
+def reached_preemption(manager: CheckpointManager, step: int) -> bool:
+  """True at JAX's pre-emption sync point (jax.distributed + preemption service).
+
+  Without that service (e.g. one process, no `jax.distributed.initialize`)
+  this is always False; the SIGTERM flag of the loop covers that case.
+  """
+  return manager.reached_preemption(int(step))
+
+
+def read_meta(
+    manager: CheckpointManager, step: int | None = None
+) -> dict[str, Any]:
+  """Reads only the JSON `meta` of a step (latest by default); no arrays.
+
+  Args:
+    manager: from `make_checkpoint_manager`.
+    step: step to read; None means the latest.
+
+  Returns:
+    The dict passed as `meta` to `save`.
+
+  Raises:
+    FileNotFoundError: there is no such step.
+    CheckpointError: the step's meta is missing or unreadable.
+  """
+  step = _resolve_step(manager, step)
+  _check_step_dir(manager, step, items=(_META,))
+  restored = _orbax_restore(
+      manager, step, ocp.args.Composite(**{_META: ocp.args.JsonRestore()})
+  )
+  return dict(restored[_META])
+
+
+def restore(
+    manager: CheckpointManager,
+    abstract_state: Any,
+    step: int | None = None,
+    *,
+    fallback_to_previous: bool = False,
+) -> tuple[Any, dict[str, Any]]:
+  """Restores `(state, meta)` with the shardings of `abstract_state`.
+
+  The arrays are read straight into the target shardings, so a checkpoint
+  saved on one mesh restores onto another (e.g. 8 devices -> 1).
+
+  Args:
+    manager: from `make_checkpoint_manager`.
+    abstract_state: pytree like the saved state whose leaves are
+      `jax.ShapeDtypeStruct`s with `.sharding` set (e.g. `jax.eval_shape` of
+      the init function plus shardings) or concrete `jax.Array`s.
+    step: step to restore; None means the latest.
+    fallback_to_previous: if the chosen step is corrupt, log it and restore
+      the newest intact older step instead. Corrupt steps newer than the
+      restored one are renamed to `<step>.corrupt-<unix time>` (kept, not
+      deleted): left in place, they would make orbax skip every periodic save
+      up to their step and refuse a save at it.
+
+  Returns:
+    The restored state (same tree structure as `abstract_state`) and meta.
+
+  Raises:
+    FileNotFoundError: no checkpoint (or no such step) exists.
+    CheckpointError: the step is truncated or corrupt (every candidate step,
+      with `fallback_to_previous`); the message names the step and path.
+    ValueError: `abstract_state` lacks shardings or does not match the
+      checkpoint (shape or tree structure).
+  """
+  abstract_state = _as_abstract(abstract_state)
+  wait(manager)
+  step = _resolve_step(manager, step)
+  candidates = [step]
+  if fallback_to_previous:
+    candidates += sorted((s for s in manager.all_steps() if s < step), reverse=True)
+  corrupt: list[int] = []
+  for candidate in candidates:
+    try:
+      state, meta = _restore_step(manager, candidate, abstract_state)
+    except CheckpointError as e:
+      if not fallback_to_previous:
+        raise
+      logger.warning('%s; trying an older step.', e)
+      corrupt.append(candidate)
+      continue
+    if corrupt:
+      logger.warning(
+          'Restored step %d instead of corrupt step(s) %s.', candidate, corrupt
+      )
+      _quarantine(manager, corrupt)
+    return state, meta
+  raise CheckpointError(
+      f'No intact checkpoint at or before step {step} in {manager.directory};'
+      f' corrupt steps: {corrupt}'
+  )
+
+
+def _restore_step(
+    manager: CheckpointManager, step: int, abstract_state: Any
+) -> tuple[Any, dict[str, Any]]:
+  _check_step_dir(manager, step, items=(_STATE, _META))
+  restored = _orbax_restore(
+      manager,
+      step,
+      ocp.args.Composite(
+          **{
+              _STATE: ocp.args.StandardRestore(abstract_state),
+              _META: ocp.args.JsonRestore(),
+          }
+      ),
+  )
+  return restored[_STATE], dict(restored[_META])
+
+
+def _orbax_restore(
+    manager: CheckpointManager, step: int, args: ocp.args.Composite
+) -> Any:
+  """Runs an orbax restore, turning unreadable-file errors into CheckpointError."""
+  try:
+    return manager.restore(step, args=args)
+  except Exception as e:
+    if _is_corruption(e):
+      raise CheckpointError(
+          f'Checkpoint step {step} at {_step_dir(manager, step)} is corrupt:'
+          f' {type(e).__name__}: {_first_line(e)}'
+      ) from e
+    e.add_note(f'while restoring step {step} from {_step_dir(manager, step)}')
+    raise
+
+
+def _is_corruption(e: Exception) -> bool:
+  if isinstance(e, (json.JSONDecodeError, OSError, KeyError)):
+    # KeyError: orbax's "Item 'state' was not found in the checkpoint".
+    return True
+  return isinstance(e, ValueError) and str(e).startswith(_CORRUPTION_CODES)
+
+
+def _check_step_dir(
+    manager: CheckpointManager, step: int, *, items: tuple[str, ...]
+) -> None:
+  """Raises CheckpointError if files of `step` are missing or empty.
+
+  Orbax never writes an empty file, so a zero-length one means truncation
+  (disk full, partial copy). This costs a directory walk, no data reads.
+  """
+  step_dir = _step_dir(manager, step)
+  if not step_dir.is_dir():
+    raise CheckpointError(f'Checkpoint step {step}: {step_dir} is gone')
+  required = [step_dir / name for name in _STEP_FILES]
+  for item in items:
+    required += [step_dir / item / name for name in _ITEM_FILES[item]]
+  missing = [str(p.relative_to(step_dir)) for p in required if not p.is_file()]
+  # Top-level files plus everything under the items asked for: `read_meta`
+  # must still work when only the (much larger) state is damaged.
+  files = [p for p in step_dir.iterdir() if p.is_file()]
+  for item in items:
+    for dirpath, _, filenames in os.walk(step_dir / item):
+      files += [pathlib.Path(dirpath, name) for name in filenames]
+  empty = sorted(
+      str(p.relative_to(step_dir)) for p in files if p.stat().st_size == 0
+  )
+  if missing or empty:
+    raise CheckpointError(
+        f'Checkpoint step {step} at {step_dir} is truncated or corrupt:'
+        f' missing files {missing}, zero-length files {empty}'
+    )
+
+
+def _quarantine(manager: CheckpointManager, steps: list[int]) -> None:
+  """Renames corrupt step dirs so orbax stops listing them; deletes nothing."""
+  if jax.process_index() == 0:
+    stamp = int(time.time())
+    for step in steps:
+      src = _step_dir(manager, step)
+      dst = src.with_name(f'{src.name}.corrupt-{stamp}')
+      logger.warning('Moving corrupt checkpoint %s to %s.', src, dst)
+      src.rename(dst)
+  if jax.process_count() > 1:
+    # Other hosts must not reload the directory before the rename is done.
+    multihost_utils.sync_global_devices(
+        'checkpointing_quarantine'
+    )
+  manager.reload()
+
+
+def _resolve_step(manager: CheckpointManager, step: int | None) -> int:
+  steps = manager.all_steps()
+  if step is None:
+    if not steps:
+      raise FileNotFoundError(f'No checkpoint in {manager.directory}')
+    return max(steps)
+  step = int(step)
+  if step not in steps:
+    raise FileNotFoundError(
+        f'No checkpoint for step {step} in {manager.directory};'
+        f' available steps: {list(steps)}'
+    )
+  return step
+
+
+def _as_abstract(tree: Any) -> Any:
+  """Maps leaves to ShapeDtypeStructs and checks that each carries a sharding."""
+
+  def leaf(path, x):
+    if isinstance(x, jax.Array):
+      return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+    if not isinstance(x, jax.ShapeDtypeStruct) or x.sharding is None:
+      # Without a target sharding orbax falls back to the saved one, which
+      # names devices that may not exist on this machine (google/orbax#648).
+      raise ValueError(
+          f'abstract_state leaf {jax.tree_util.keystr(path)} must be a jax.Array'
+          f' or a jax.ShapeDtypeStruct with a sharding, got {x!r}'
+      )
+    return x
+
+  return jax.tree_util.tree_map_with_path(leaf, tree)
+
+
+def _best_metric(metrics: Any) -> float:
+  """Ranking value of a step for `keep_best`; a missing or NaN metric ranks last."""
+  value = metrics.get(BEST_METRIC) if isinstance(metrics, Mapping) else None
+  if value is None:
+    return -math.inf
+  value = float(value)
+  return -math.inf if math.isnan(value) else value
+
+
+def _find_bad_metrics(directory: pathlib.Path) -> str:
+  """Names the step directories whose `metrics` JSON cannot be parsed."""
+  bad = []
+  for path in sorted(directory.glob('*/metrics/metrics')):
+    try:
+      json.loads(path.read_text())
+    except (ValueError, OSError):
+      bad.append(f'step {path.parent.parent.name} ({path})')
+  return 'unreadable metrics in ' + ', '.join(bad) if bad else 'unknown cause'
+
+
+def _step_dir(manager: CheckpointManager, step: int) -> pathlib.Path:
+  # Default orbax step naming: no prefix, no zero padding.
+  return pathlib.Path(manager.directory) / str(step)
+
+
+def _first_line(e: BaseException) -> str:
+  # Tensorstore errors append a multi-kilobyte JSON spec after the first line.
+  text = str(e).split('\n', 1)[0].split(' [tensorstore_spec', 1)[0]
+  return text if len(text) <= 500 else text[:500] + '...'
