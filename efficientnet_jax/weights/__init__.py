@@ -1,0 +1,1 @@
+"""Weight importers from other EfficientNet implementations (see `keras.py`)."""
