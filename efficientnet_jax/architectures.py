@@ -249,3 +249,37 @@ def get_spec(name: str) -> ModelSpec:
   if key in V2_TABLE:
     return _v2_spec(key)
   raise ValueError(f'unknown model {name!r}; valid names: {", ".join(MODEL_NAMES)}')
+
+
+def spec_from_config(cfg) -> ModelSpec:
+  """The network a `config.model` section describes (see configs/base.py).
+
+  `name` picks an official variant; an empty name builds a V1 network from
+  `phi` with `scaling` 'table' or 'formula' (alpha, beta, gamma,
+  base_resolution). `width` / `depth` / `resolution` > 0 override the
+  coefficients (single-dimension ablations, small demos); `dropout` >= 0 and
+  `drop_connect` >= 0 override the regularisation.
+  """
+  if cfg.name:
+    spec = get_spec(cfg.name)
+  else:
+    spec = compound_spec(cfg.phi, scaling_mode=cfg.scaling, alpha=cfg.alpha, beta=cfg.beta,
+                         gamma=cfg.gamma, base_resolution=cfg.base_resolution)
+  changes = {}
+  for field in ('width', 'depth'):
+    value = cfg.get(field, -1.0)
+    if value > 0:
+      changes[field] = float(value)
+  if cfg.get('resolution', -1) > 0:
+    changes['resolution'] = changes['eval_resolution'] = int(cfg.resolution)
+  if cfg.get('dropout', -1.0) >= 0:
+    changes['dropout'] = float(cfg.dropout)
+  if cfg.get('drop_connect', -1.0) >= 0:
+    changes['drop_connect'] = float(cfg.drop_connect)
+  if cfg.get('bn_momentum', -1.0) > 0:
+    changes['bn_momentum'] = float(cfg.bn_momentum)
+  if changes:
+    suffix = ','.join(f'{k}={v:g}' for k, v in sorted(changes.items()) if k != 'eval_resolution')
+    changes['name'] = f'{spec.name}[{suffix}]'
+    spec = dataclasses.replace(spec, **changes)
+  return spec

@@ -10,3 +10,11 @@ import jax  # noqa: E402
 
 # Tests compare numbers, not speed: cheaper compiles keep the suite fast on 2 cores.
 jax.config.update('jax_disable_most_optimizations', True)
+
+import tempfile  # noqa: E402
+
+# Many tests compile the same tiny train/eval steps; share compiled programs
+# across tests (and xdist workers) through JAX's persistent cache.
+jax.config.update('jax_compilation_cache_dir',
+                  os.path.join(tempfile.gettempdir(), 'efficientnet_jax_test_cache'))
+jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)

@@ -1,0 +1,89 @@
+"""The official EfficientNet V1 ImageNet recipe (tensorflow/tpu `main.py`), for B0 by default.
+
+    python train.py --config=configs/base.py --workdir=runs/b0
+
+Hardware: a TPU v3-32 / 8xA100 class machine. Expected: B0 77.1 % top-1 (paper v5,
+AutoAugment, EMA weights, 350 epochs at global batch 4096); derived configs
+(b1.py ... b7.py) set phi and override only what differs.
+"""
+
+import ml_collections
+
+
+def get_config(arg=None):
+  """arg 'smoke' shrinks everything to a 2-step run on a tiny model (tests)."""
+  config = ml_collections.ConfigDict()
+  config.model = ml_collections.ConfigDict(dict(
+      name='',  # an official variant (b0..b7, lite0.., v2_s..); '' = V1 from phi
+      phi=0.0,  # compound coefficient
+      scaling='table',  # 'table' (released B1..B7) or 'formula' (alpha**phi, ...)
+      alpha=1.2, beta=1.1, gamma=1.15, base_resolution=224,
+      width=-1.0, depth=-1.0, resolution=-1,  # > 0 overrides the coefficient
+      dropout=-1.0,  # head dropout; < 0 uses the model's (0.2 for B0 ... 0.5 for B7)
+      drop_connect=0.2,  # stochastic depth; the paper's 0.3 was corrected to 0.2
+      bn_momentum=-1.0,  # < 0: family default (V1 0.99, V2 0.9)
+      padding='same',  # TF SAME; 'symmetric' for PyTorch-trained weights
+      depthwise='auto',  # 'auto', 'grouped', 'shifted'
+  ))
+  config.dtype = 'bfloat16'  # compute dtype; params, BN stats and the loss stay fp32
+  config.num_classes = -1  # < 0: from the dataset
+  config.image_size = -1  # < 0: the model's resolution
+  config.eval_image_size = -1
+
+  config.data = ml_collections.ConfigDict(dict(
+      name='imagenet2012', data_dir='', manual_dir='', folder='', source_dir='',
+      train_split='train', eval_split='validation',
+      augment='autoaugment',  # 'none', 'autoaugment' (policy v0), 'randaugment'
+      randaug_layers=2, randaug_magnitude=10.0,
+      mixup_alpha=0.0, cutmix_alpha=0.0,
+      crop_padding=32,  # eval centre crop = size / (size + 32)
+      inception_crop=True, shuffle_buffer=16_384,
+  ))
+
+  config.batch_size = 4096  # global
+  config.eval_batch_size = 1024
+  config.num_epochs = 350.0
+  config.train_steps = -1  # > 0 overrides num_epochs
+
+  config.optimizer = 'rmsprop'  # TF1 semantics: ms starts at 1, eps inside the sqrt
+  # Linear scaling rule: peak LR = base_lr * batch_size / 256 (0.256 at 4096).
+  config.base_lr = 0.016
+  config.lr_schedule = 'exponential'  # x0.97 every 2.4 epochs from step 0; or 'cosine'
+  config.warmup_epochs = 5.0
+  config.lr_decay_epochs = 2.4
+  config.lr_decay_rate = 0.97
+  config.momentum = 0.9
+  config.rmsprop_decay = 0.9
+  config.rmsprop_eps = 1e-3
+  config.weight_decay = 1e-5  # coupled L2 on every non-BN variable
+  config.label_smoothing = 0.1
+  config.ema_decay = 0.9999  # warmed up as min(decay, (1+t)/(10+t))
+
+  config.seed = 0
+  config.log_every_steps = 100
+  config.eval_every_steps = -1  # < 0: once per epoch
+  config.checkpoint_every_steps = 1000
+  config.keep_checkpoints = 3
+
+  if arg == 'smoke':
+    smoke(config)
+  return config
+
+
+def smoke(config):
+  """Used for testing only: a tiny network on mocked data, 2 steps."""
+  config.model.name = ''
+  config.model.width = 0.25
+  config.model.depth = 0.25
+  config.model.resolution = 32
+  config.model.bn_momentum = 0.9
+  config.dtype = 'float32'
+  config.data.augment = 'none'
+  config.data.inception_crop = False
+  config.data.shuffle_buffer = 64
+  config.batch_size = 8
+  config.eval_batch_size = 8
+  config.train_steps = 2
+  config.warmup_epochs = 0.0
+  config.log_every_steps = 1
+  config.checkpoint_every_steps = 1
