@@ -22,6 +22,7 @@ def get_config(arg=None):
       dropout=-1.0,  # head dropout; < 0 uses the model's (0.2 for B0 ... 0.5 for B7)
       drop_connect=0.2,  # stochastic depth; the paper's 0.3 was corrected to 0.2
       bn_momentum=-1.0,  # < 0: family default (V1 0.99, V2 0.9)
+      bn_epsilon=-1.0,  # < 0: family default (1e-3; flax's own default would be 1e-5)
       padding='same',  # TF SAME; 'symmetric' for PyTorch-trained weights
       depthwise='auto',  # 'auto', 'grouped', 'shifted'
   ))

@@ -276,10 +276,12 @@ def spec_from_config(cfg) -> ModelSpec:
     changes['dropout'] = float(cfg.dropout)
   if cfg.get('drop_connect', -1.0) >= 0:
     changes['drop_connect'] = float(cfg.drop_connect)
-  if cfg.get('bn_momentum', -1.0) > 0:
-    changes['bn_momentum'] = float(cfg.bn_momentum)
+  for field in ('bn_momentum', 'bn_epsilon'):
+    if cfg.get(field, -1.0) > 0:
+      changes[field] = float(cfg[field])
+  changes = {k: v for k, v in changes.items() if getattr(spec, k) != v}
   if changes:
     suffix = ','.join(f'{k}={v:g}' for k, v in sorted(changes.items()) if k != 'eval_resolution')
-    changes['name'] = f'{spec.name}[{suffix}]'
+    changes['name'] = f'{spec.name}[{suffix}]' if suffix else spec.name
     spec = dataclasses.replace(spec, **changes)
   return spec

@@ -1,0 +1,16 @@
+"""EfficientNet-Lite1 on ImageNet (ReLU6, no squeeze-excite, fixed stem/head) with the V1 recipe.
+
+    python train.py --config=configs/lite1.py --workdir=runs/lite1
+
+Hardware: a TPU pod slice or GPU cluster (global batch 4096; bf16).
+Expected: 76.7 % top-1 (FP32, tensorflow/tpu lite README) at 240 px; inputs normalised as (x - 127) / 128.
+"""
+
+from configs import base
+
+
+def get_config(arg=None):
+  config = base.get_config(arg)
+  if arg != 'smoke':
+    config.model.name = 'lite1'
+  return config

@@ -1,0 +1,16 @@
+"""EfficientNet-Lite2 on ImageNet (ReLU6, no squeeze-excite, fixed stem/head) with the V1 recipe.
+
+    python train.py --config=configs/lite2.py --workdir=runs/lite2
+
+Hardware: a TPU pod slice or GPU cluster (global batch 4096; bf16).
+Expected: 77.6 % top-1 (FP32, tensorflow/tpu lite README) at 260 px; inputs normalised as (x - 127) / 128.
+"""
+
+from configs import base
+
+
+def get_config(arg=None):
+  config = base.get_config(arg)
+  if arg != 'smoke':
+    config.model.name = 'lite2'
+  return config
