@@ -204,3 +204,39 @@ def test_cli_value_error_is_one_line_and_exit_2(tmp_path):
   assert errors == ['error: batch_size=100 is not divisible by the device count 8; '
                     'use a multiple of 8']
   assert _untouched(tmp_path / 'w')
+
+
+def test_evaluate_cli_reads_the_checkpoint_at_another_resolution(tmp_path):
+  from efficientnet_jax import evaluate  # pylint: disable=g-import-not-at-top
+  train.run(_smoke_config(train_steps=1), str(tmp_path))
+  out = evaluate.evaluate_checkpoint(_smoke_config(), str(tmp_path), image_size=40)
+  assert (out['step'], out['image_size'], out['ema']['count'], out['raw']['count']) == (
+      1, 40, 13, 13)
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+  import signal  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / 'w'
+  args = [sys.executable, 'train.py', '--config=configs/base.py:smoke', f'--workdir={workdir}',
+          '--config.data.name=fashion_mnist', '--config.data.eval_split=test',
+          f'--config.data.source_dir={_DATA_ROOT / "idx"}',
+          f'--config.data.data_dir={_DATA_ROOT / "tfds"}',
+          '--config.train_steps=100000', '--config.checkpoint_every_steps=100000',
+          '--config.eval_every_steps=100000']
+  proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True)
+  lines = []
+  for line in proc.stdout:  # wait until training is under way
+    lines.append(line)
+    if line.startswith('step 3/'):
+      break
+  proc.send_signal(signal.SIGTERM)
+  rest, _ = proc.communicate(timeout=120)
+  output = ''.join(lines) + rest
+  assert proc.returncode == 0, output[-2000:]
+  saved = [l for l in output.splitlines() if l.startswith('SIGTERM: saved step')]
+  assert len(saved) == 1, output[-2000:]
+  step = int(saved[0].split()[3])
+  assert step >= 3
+  assert str(step) in os.listdir(workdir / 'checkpoints')
