@@ -39,6 +39,8 @@ def main(argv):
   del argv
   # Orbax and tfds log every file operation at INFO; progress lines are printed.
   logging.set_verbosity(logging.WARNING)
+  from efficientnet_jax import cpu_tuning  # pylint: disable=g-import-not-at-top
+  cpu_tuning.tune_malloc()  # before the first large buffer; see cpu_tuning.py
   _maybe_initialize_distributed()
   from efficientnet_jax import train  # pylint: disable=g-import-not-at-top
   try:

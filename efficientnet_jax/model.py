@@ -26,7 +26,18 @@ class EfficientNet(nn.Module):
     dtype: compute dtype (e.g. bfloat16); params, BN statistics and logits stay fp32.
     padding: 'same' (TF, for TF-trained weights) or 'symmetric' (PyTorch-trained weights).
     depthwise_impl: 'auto', 'grouped' or 'shifted' (see layers.depthwise_conv).
+    conv_impl: 'auto', 'conv' or 'matmul' (see layers.MatmulConv); never changes
+      the parameters.
+    bn_impl: 'auto', 'flax' or 'fused' (BN + activation with a hand-written
+      backward, see layers.FusedBatchNorm); same variables either way.
     dropout: head dropout; None uses spec.dropout (progressive learning overrides it).
+    remat: recompute each block's activations in the backward pass
+      (`nn.remat`): less memory for ~1 extra forward pass. Same parameters.
+    scan_blocks: run the repeats of each stage (every block after its first,
+      which share shapes) as one `nn.scan`, so XLA compiles one body per stage
+      instead of one per block. Their parameters are then stacked under
+      `stage_{s}_repeats/block` (see `stack_block_variables`), and stochastic
+      depth draws different (equally distributed) masks.
   """
   spec: ModelSpec
   num_classes: int = 1000
@@ -35,10 +46,22 @@ class EfficientNet(nn.Module):
   padding: str = 'same'
   depthwise_impl: str = 'auto'
   dropout: float | None = None
+  conv_impl: str = 'auto'
+  bn_impl: str = 'auto'
+  remat: bool = False
+  scan_blocks: bool = False
 
-  def _bn(self, x, train, name):
-    return nn.BatchNorm(use_running_average=not train, momentum=self.spec.bn_momentum,
-                        epsilon=self.spec.bn_epsilon, dtype=self.dtype, name=name)(x)
+  def _bn(self, x, train, name, act=None):
+    return layers.batch_norm_act(x, train, momentum=self.spec.bn_momentum,
+                                 epsilon=self.spec.bn_epsilon, dtype=self.dtype, act=act,
+                                 impl=self.bn_impl, name=name)
+
+  def _block_kwargs(self) -> dict:
+    spec = self.spec
+    return dict(activation=spec.activation, bn_momentum=spec.bn_momentum,
+                bn_epsilon=spec.bn_epsilon, padding=self.padding,
+                depthwise_impl=self.depthwise_impl, dtype=self.dtype,
+                conv_impl=self.conv_impl, bn_impl=self.bn_impl)
 
   @nn.compact
   def __call__(self, x, train: bool = False, return_endpoints: bool = False):
@@ -46,26 +69,31 @@ class EfficientNet(nn.Module):
     and with `return_endpoints` also a dict of feature maps: 'stem',
     'reduction_1'..'reduction_5' (strides 2..32, the official endpoints), 'head'."""
     spec = self.spec
-    act = layers.activation_fn(spec.activation)
     endpoints = {}
     x = x.astype(self.dtype)
     x = layers.conv(x, spec.stem_ch, 3, 2, padding=self.padding, dtype=self.dtype,
-                    name='stem_conv')
-    x = act(self._bn(x, train, 'stem_bn'))
+                    impl=self.conv_impl, name='stem_conv')
+    x = self._bn(x, train, 'stem_bn', spec.activation)
     endpoints['stem'] = x
     blocks = spec.blocks()
+    block_cls = nn.remat(layers.MBConv, static_argnums=(2,)) if self.remat else layers.MBConv
     reduction = 0
-    for block in blocks:
-      x = layers.MBConv(block, spec.activation, spec.bn_momentum, spec.bn_epsilon,
-                        self.padding, self.depthwise_impl, self.dtype,
-                        name=f'block_{block.index}')(x, train)
+    for stage, run in _stage_runs(blocks, self.scan_blocks):
+      if len(run) == 1:
+        x = block_cls(run[0], **self._block_kwargs(), name=f'block_{run[0].index}')(x, train)
+      else:
+        x = _ScanRepeats(run[0], len(run), train, self.remat,
+                         tuple(sorted(self._block_kwargs().items())),
+                         name=f'stage_{stage}_repeats')(
+            x, jnp.asarray([b.drop_rate for b in run], jnp.float32))
       # An endpoint is the last block before a stride change (or the last block).
-      nxt = block.index + 1
+      nxt = run[-1].index + 1
       if nxt == len(blocks) or blocks[nxt].stride > 1:
         reduction += 1
         endpoints[f'reduction_{reduction}'] = x
-    x = layers.conv(x, spec.head_features, 1, dtype=self.dtype, name='head_conv')
-    x = act(self._bn(x, train, 'head_bn'))
+    x = layers.conv(x, spec.head_features, 1, dtype=self.dtype, impl=self.conv_impl,
+                    name='head_conv')
+    x = self._bn(x, train, 'head_bn', spec.activation)
     endpoints['head'] = x
     x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
     if self.include_top:
@@ -76,6 +104,91 @@ class EfficientNet(nn.Module):
                    name='classifier')(x)
     x = x.astype(jnp.float32)
     return (x, endpoints) if return_endpoints else x
+
+
+def _stage_runs(blocks, scan: bool) -> list[tuple[int, list]]:
+  """(stage, blocks) runs in order: every block alone, or with `scan` a stage's repeats together.
+
+  A stage's first block changes stride and width, so it always runs alone; the
+  rest of the stage (same shapes in and out) forms one run.
+  """
+  runs = []  # (stage, blocks, scannable)
+  for b in blocks:
+    first = b.index == 0 or blocks[b.index - 1].stage != b.stage
+    if not scan or first:
+      runs.append((b.stage, [b], False))
+    elif not runs[-1][2]:
+      runs.append((b.stage, [b], True))
+    else:
+      runs[-1][1].append(b)
+  return [(stage, run) for stage, run, _ in runs]
+
+
+class _RepeatBody(nn.Module):
+  """One repeat of a stage as an nn.scan body: carry x, per-step drop rate."""
+  block: architectures.Block
+  train: bool
+  block_kwargs: Any
+
+  @nn.compact
+  def __call__(self, x, drop_rate):
+    return layers.MBConv(self.block, **dict(self.block_kwargs), name='block')(
+        x, self.train, drop_rate), None
+
+
+class _ScanRepeats(nn.Module):
+  """`length` identical blocks (a stage's repeats) as one nn.scan; parameters stacked on axis 0."""
+  block: architectures.Block
+  length: int
+  train: bool
+  remat: bool
+  block_kwargs: Any
+
+  @nn.compact
+  def __call__(self, x, drop_rates):
+    body = nn.remat(_RepeatBody) if self.remat else _RepeatBody
+    scan = nn.scan(body, variable_axes={'params': 0, 'batch_stats': 0},
+                   split_rngs={'params': True, 'dropout': True}, in_axes=0,
+                   length=self.length)
+    x, _ = scan(self.block, self.train, self.block_kwargs, name='scan')(x, drop_rates)
+    return x
+
+
+def _scanned_runs(spec: ModelSpec) -> list[tuple[int, list[int]]]:
+  """(stage, block indices) of every scanned run of `spec`."""
+  return [(stage, [b.index for b in run]) for stage, run in _stage_runs(spec.blocks(), True)
+          if len(run) > 1]
+
+
+def stack_block_variables(variables: dict, spec: ModelSpec) -> dict:
+  """Default layout (block_0 .. block_N) -> the `scan_blocks=True` layout (same values)."""
+  import jax  # local: the module otherwise needs only flax and jnp
+  out = {}
+  for collection, tree in variables.items():
+    tree = dict(tree)
+    for stage, indices in _scanned_runs(spec):
+      parts = [tree.pop(f'block_{i}') for i in indices if f'block_{i}' in tree]
+      if parts:
+        stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *parts)
+        tree[f'stage_{stage}_repeats'] = {'scan': {'block': stacked}}
+    out[collection] = tree
+  return out
+
+
+def unstack_block_variables(variables: dict, spec: ModelSpec) -> dict:
+  """The `scan_blocks=True` layout -> the default one (inverse of `stack_block_variables`)."""
+  import jax
+  out = {}
+  for collection, tree in variables.items():
+    tree = dict(tree)
+    for stage, indices in _scanned_runs(spec):
+      stacked = tree.pop(f'stage_{stage}_repeats', None)
+      if stacked is None:
+        continue
+      for n, i in enumerate(indices):
+        tree[f'block_{i}'] = jax.tree.map(lambda leaf, n=n: leaf[n], stacked['scan']['block'])
+    out[collection] = tree
+  return out
 
 
 def create_model(name_or_spec: str | ModelSpec, *, drop_connect: float | None = None,
@@ -94,4 +207,6 @@ def create_model(name_or_spec: str | ModelSpec, *, drop_connect: float | None = 
   if kwargs.get('padding', 'same') not in layers.PADDINGS:
     raise ValueError(f'padding={kwargs["padding"]!r}; accepted: {", ".join(layers.PADDINGS)}')
   layers.resolve_depthwise_impl(kwargs.get('depthwise_impl', 'auto'))  # validates
+  layers.resolve_conv_impl(kwargs.get('conv_impl', 'auto'))
+  layers.resolve_bn_impl(kwargs.get('bn_impl', 'auto'))
   return EfficientNet(spec, **kwargs)

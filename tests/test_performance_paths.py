@@ -1,0 +1,302 @@
+"""The CPU fast paths compute the same numbers as the plain ones (speed is scripts/benchmark.py's job).
+
+Every opt-in or platform-picked formulation is checked against the reference
+one on tiny inputs: values, gradients and BN statistics to 1e-5 relative.
+"""
+
+import dataclasses
+import functools
+import importlib.util
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from efficientnet_jax import architectures
+from efficientnet_jax import cpu_tuning
+from efficientnet_jax import layers
+from efficientnet_jax.model import create_model, stack_block_variables, unstack_block_variables
+
+RTOL = 1e-5
+SLOW = dict(depthwise_impl='grouped', conv_impl='conv', bn_impl='flax')
+
+
+def _tiny(name, stages=3, **changes):
+  spec = architectures.get_spec(name)
+  return dataclasses.replace(spec, stages=spec.stages[:stages], **changes)
+
+
+def _assert_close(actual, expected, rtol=RTOL):
+  """max |actual - expected| <= rtol * max |expected| over the whole tree, and per leaf 10x looser.
+
+  Float32 round-off scales with the largest values a computation goes
+  through, so the tree-wide bound is the 1e-5 relative one. A small leaf
+  computed from large ones (a BN bias gradient that sums terms which nearly
+  cancel, a BN mean of zero-mean data) carries round-off from those: per leaf
+  the bound is 10x rtol against its own scale, or 1e-3 of the tree's largest.
+  """
+  pairs = [(jax.tree_util.keystr(path), np.asarray(a, np.float64), np.asarray(b, np.float64))
+           for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(actual),
+                                   jax.tree.leaves(expected))]
+  assert len(pairs) == len(jax.tree.leaves(expected))
+  for name, a, b in pairs:
+    assert a.shape == b.shape, (name, a.shape, b.shape)
+  scale = max(float(np.max(np.abs(b))) for _, _, b in pairs)
+  worst = max(float(np.max(np.abs(a - b))) for _, a, b in pairs)
+  assert worst <= rtol * scale, f'{worst} > {rtol} * {scale}'
+  for name, a, b in pairs:
+    leaf_scale = max(float(np.max(np.abs(b))), 1e-3 * scale, 1e-12)
+    err = float(np.max(np.abs(a - b)))
+    assert err <= 10 * rtol * leaf_scale, f'{name}: {err} > {10 * rtol} * {leaf_scale}'
+
+
+# ----------------------------------------------------------------------------- depthwise
+
+
+def _shifted_autodiff(x, kernel, stride, pads):
+  """The shifted forward differentiated by JAX (what 'shifted' was before its custom VJP)."""
+  return layers._shifted_forward(x, kernel, stride, tuple(map(tuple, pads)))
+
+
+@pytest.mark.parametrize('kernel,stride,size,padding', [
+    (3, 1, 8, 'same'), (3, 2, 8, 'same'), (3, 2, 9, 'same'), (5, 2, 9, 'same'),
+    (5, 1, 7, 'symmetric'), (3, 2, 7, 'symmetric'), (5, 2, 12, 'same'), (5, 2, 6, 'same')])
+def test_shifted_depthwise_custom_vjp_matches_autodiff_and_grouped(kernel, stride, size, padding):
+  x = jax.random.normal(jax.random.key(0), (3, size, size + 1, 5))
+  w = jax.random.normal(jax.random.key(1), (kernel, kernel, 1, 5))
+  pads = [layers.conv_padding(size, kernel, stride, padding),
+          layers.conv_padding(size + 1, kernel, stride, padding)]
+  fns = {'custom': lambda x, w: layers.depthwise_conv(x, w, stride, pads, 'shifted'),
+         'autodiff': lambda x, w: _shifted_autodiff(x, w, stride, pads),
+         'grouped': lambda x, w: layers.depthwise_conv(x, w, stride, pads, 'grouped')}
+  outs = {k: f(x, w) for k, f in fns.items()}
+  np.testing.assert_array_equal(outs['custom'], outs['autodiff'])  # same forward ops
+  _assert_close(outs['custom'], outs['grouped'])
+  grads = {k: jax.grad(lambda x, w, f=f: jnp.sum(jnp.sin(f(x, w)) * x.sum()), argnums=(0, 1))(x, w)
+           for k, f in fns.items()}
+  _assert_close(grads['custom'], grads['autodiff'])
+  _assert_close(grads['custom'], grads['grouped'])
+
+
+def test_shifted_depthwise_bfloat16_keeps_dtypes():
+  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 4), jnp.bfloat16)
+  w = jax.random.normal(jax.random.key(1), (3, 3, 1, 4), jnp.bfloat16)
+  dx, dw = jax.grad(lambda x, w: jnp.sum(layers.depthwise_conv(x, w, 1, [(1, 1)] * 2,
+                                                               'shifted').astype(jnp.float32)),
+                    argnums=(0, 1))(x, w)
+  assert dx.dtype == dw.dtype == jnp.bfloat16
+
+
+# ----------------------------------------------------------------------------- convs
+
+
+class _Conv(nn.Module):
+  features: int
+  kernel: int
+  stride: int
+  impl: str
+
+  @nn.compact
+  def __call__(self, x):
+    return layers.conv(x, self.features, self.kernel, self.stride, impl=self.impl, name='c')
+
+
+@pytest.mark.parametrize('kernel,stride,channels,size', [
+    (1, 1, 6, 5), (3, 2, 3, 9), (3, 2, 3, 8), (3, 1, 4, 7), (3, 2, 12, 9), (5, 2, 10, 11)])
+def test_matmul_conv_matches_nn_conv(kernel, stride, channels, size):
+  x = jax.random.normal(jax.random.key(0), (2, size, size, channels))
+  ref, fast = _Conv(7, kernel, stride, 'conv'), _Conv(7, kernel, stride, 'matmul')
+  variables = ref.init(jax.random.key(1), x)
+  fast_vars = fast.init(jax.random.key(1), x)
+  assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.all(a == b)), fast_vars, variables))
+  _assert_close(fast.apply(variables, x), ref.apply(variables, x))
+
+  def grads(m):
+    return jax.grad(lambda v, x: jnp.sum(jnp.sin(m.apply(v, x))), argnums=(0, 1))(variables, x)
+
+  _assert_close(grads(fast), grads(ref))
+
+
+def test_bad_conv_and_bn_impl_names():
+  with pytest.raises(ValueError, match='conv_impl'):
+    create_model('b0', conv_impl='winograd')
+  with pytest.raises(ValueError, match='bn_impl'):
+    create_model('b0', bn_impl='sync')
+
+
+# ----------------------------------------------------------------------------- batch norm
+
+
+class _Norm(nn.Module):
+  impl: str
+  act: str | None
+  dtype: object = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train):
+    return layers.batch_norm_act(x, train, momentum=0.9, epsilon=1e-3, dtype=self.dtype,
+                                 act=self.act, impl=self.impl, name='bn')
+
+
+@pytest.mark.parametrize('act', ['swish', 'relu6', None])
+def test_fused_batch_norm_matches_flax(act):
+  x = 3 * jax.random.normal(jax.random.key(0), (4, 5, 5, 6)) + 1
+  ref, fast = _Norm('flax', act), _Norm('fused', act)
+  variables = ref.init(jax.random.key(1), x, False)
+  assert jax.tree.structure(fast.init(jax.random.key(1), x, False)) == jax.tree.structure(
+      variables)
+  variables = {'params': {'bn': {'scale': jnp.linspace(0.5, 2, 6), 'bias': jnp.linspace(-1, 1, 6)}},
+               'batch_stats': {'bn': {'mean': jnp.full(6, 0.3), 'var': jnp.full(6, 2.0)}}}
+  _assert_close(fast.apply(variables, x, False), ref.apply(variables, x, False))
+
+  def train(m):
+    def loss(params, x):
+      out, upd = m.apply({'params': params, 'batch_stats': variables['batch_stats']}, x, True,
+                         mutable=['batch_stats'])
+      return jnp.sum(jnp.sin(out) * jnp.arange(6)), (out, upd)
+    (_, aux), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(
+        variables['params'], x)
+    return aux, grads
+
+  (out_f, stats_f), grads_f = train(fast)
+  (out_r, stats_r), grads_r = train(ref)
+  _assert_close(out_f, out_r)
+  _assert_close(stats_f, stats_r)
+  _assert_close(grads_f, grads_r)
+
+
+def test_fused_batch_norm_bfloat16_compute():
+  x = jax.random.normal(jax.random.key(0), (4, 3, 3, 8))
+  ref, fast = _Norm('flax', 'swish', jnp.bfloat16), _Norm('fused', 'swish', jnp.bfloat16)
+  variables = ref.init(jax.random.key(1), x, False)
+  out_f, _ = fast.apply(variables, x, True, mutable=['batch_stats'])
+  out_r, _ = ref.apply(variables, x, True, mutable=['batch_stats'])
+  assert out_f.dtype == out_r.dtype == jnp.bfloat16
+  np.testing.assert_allclose(out_f.astype(jnp.float32), out_r.astype(jnp.float32), atol=2e-2)
+
+
+# ----------------------------------------------------------------------------- whole models
+
+
+def _train_outputs(model, variables, x, rng=None):
+  """(loss, updated batch_stats, grads) of a training-mode pass."""
+  def loss(params):
+    out, upd = model.apply({'params': params, 'batch_stats': variables['batch_stats']}, x,
+                           train=True, mutable=['batch_stats'],
+                           rngs={'dropout': rng if rng is not None else jax.random.key(9)})
+    return jnp.sum(jnp.sin(out)), upd
+  (value, upd), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables['params'])
+  return value, upd, grads
+
+
+@pytest.mark.parametrize('name', ['b0', 'lite0', 'v2_b0'])
+def test_cpu_defaults_match_reference_paths(name):
+  # drop_connect and dropout off: the two paths then compute the same function.
+  # Batch 4 at 32 px over 3 stages keeps every BN over >= 64 values: with BN over
+  # 8 values (batch 2, a 2x2 map) fp32 round-off alone reaches 2e-5 of the gradient.
+  spec = _tiny(name, drop_connect=0.0, dropout=0.0)
+  x = jax.random.normal(jax.random.key(0), (4, 32, 32, 3))
+  ref = create_model(spec, num_classes=10, **SLOW)
+  fast = create_model(spec, num_classes=10)  # 'auto' everything: the fast paths on CPU
+  variables = jax.jit(ref.init)(jax.random.key(1), x)
+  fast_vars = jax.jit(fast.init)(jax.random.key(1), x)
+  # Same parameter tree and the same initial values.
+  assert jax.tree.structure(fast_vars) == jax.tree.structure(variables)
+  assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.all(a == b)), fast_vars, variables))
+  _assert_close(jax.jit(fast.apply)(variables, x), jax.jit(ref.apply)(variables, x))
+  loss_f, stats_f, grads_f = _train_outputs(fast, variables, x)
+  loss_r, stats_r, grads_r = _train_outputs(ref, variables, x)
+  _assert_close(loss_f, loss_r)
+  _assert_close(stats_f, stats_r)
+  _assert_close(grads_f, grads_r)
+
+
+def test_remat_matches_default():
+  spec = _tiny('b0', drop_connect=0.0)
+  x = jax.random.normal(jax.random.key(0), (4, 32, 32, 3))
+  plain, remat = create_model(spec, num_classes=10), create_model(spec, num_classes=10, remat=True)
+  variables = jax.jit(plain.init)(jax.random.key(1), x)
+  assert jax.tree.structure(jax.jit(remat.init)(jax.random.key(1), x)) == jax.tree.structure(
+      variables)
+  np.testing.assert_array_equal(jax.jit(remat.apply)(variables, x),
+                                jax.jit(plain.apply)(variables, x))
+  for got, want in zip(_train_outputs(remat, variables, x), _train_outputs(plain, variables, x)):
+    _assert_close(got, want)
+
+
+@pytest.mark.parametrize('remat', [False, True])
+def test_scan_blocks_matches_default(remat):
+  spec = _tiny('b0', stages=4, drop_connect=0.0)  # stage repeats 1, 2, 2, 3
+  x = jax.random.normal(jax.random.key(0), (4, 32, 32, 3))
+  plain = create_model(spec, num_classes=10)
+  scanned = create_model(spec, num_classes=10, scan_blocks=True, remat=remat)
+  variables = jax.jit(plain.init)(jax.random.key(1), x)
+  stacked = stack_block_variables(variables, spec)
+  scan_init = jax.jit(scanned.init)(jax.random.key(1), x)
+  assert jax.tree.structure(scan_init) == jax.tree.structure(stacked)
+  assert jax.tree.all(jax.tree.map(lambda a, b: a.shape == b.shape, scan_init, stacked))
+  # Stage 3 is blocks 5, 6, 7: the first alone, its two repeats scanned.
+  assert 'stage_3_repeats' in stacked['params'] and 'block_5' in stacked['params']
+  assert 'block_6' not in stacked['params'] and 'block_7' not in stacked['params']
+  # The layouts convert both ways without loss.
+  assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.all(a == b)),
+                                   unstack_block_variables(stacked, spec), variables))
+  out, ends = jax.jit(functools.partial(scanned.apply, return_endpoints=True))(stacked, x)
+  ref_out, ref_ends = jax.jit(functools.partial(plain.apply, return_endpoints=True))(variables, x)
+  _assert_close(out, ref_out)
+  _assert_close(ends, ref_ends)
+  loss, stats, grads = _train_outputs(scanned, stacked, x)
+  ref_loss, ref_stats, ref_grads = _train_outputs(plain, variables, x)
+  _assert_close(loss, ref_loss)
+  _assert_close(unstack_block_variables(stats, spec), ref_stats)
+  _assert_close(unstack_block_variables({'params': grads}, spec)['params'], ref_grads)
+
+
+def test_scan_blocks_stochastic_depth_drops_whole_samples():
+  spec = _tiny('b0', stages=4, drop_connect=0.9)
+  x = jax.random.normal(jax.random.key(0), (16, 16, 16, 3))
+  model = create_model(spec, num_classes=10, scan_blocks=True, include_top=False)
+  variables = jax.jit(model.init)(jax.random.key(1), x)
+  run = jax.jit(lambda v, k: model.apply(v, x, train=True, mutable=['batch_stats'],
+                                         rngs={'dropout': k})[0])
+  a, b = run(variables, jax.random.key(2)), run(variables, jax.random.key(3))
+  assert np.all(np.isfinite(a)) and not np.allclose(a, b)  # masks differ with the key
+  # Eval mode is deterministic and ignores the rates.
+  np.testing.assert_array_equal(jax.jit(model.apply)(variables, x),
+                                jax.jit(model.apply)(variables, x))
+
+
+# ----------------------------------------------------------------------------- process tuning
+
+
+def test_tune_malloc_is_safe_to_call():
+  assert cpu_tuning.tune_malloc() in (True, False)
+
+
+def _benchmark_module():
+  path = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'scripts', 'benchmark.py')
+  spec = importlib.util.spec_from_file_location('benchmark_script', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_benchmark_system_specs_and_ratios():
+  bench = _benchmark_module()
+  assert bench.parse_system('ours:remat=1,xla=--a=1+--b=2') == (
+      'ours', {'remat': '1', 'xla': '--a=1+--b=2'})
+  with pytest.raises(ValueError):
+    bench.parse_system('caffe')
+  assert bench.split_systems('ours,ours:remat=1,bn_impl=flax,keras_tf:threads=1') == [
+      'ours', 'ours:remat=1,bn_impl=flax', 'keras_tf:threads=1']
+  systems = {'ours': {'train_img_s': 6.0, 'eval_img_s': 30.0},
+             'keras_tf': {'train_img_s': 5.0, 'eval_img_s': 40.0},
+             'torch': {'skipped': 'ModuleNotFoundError'}}
+  assert bench.ratios(systems, ['train', 'eval']) == {
+      'ours / keras_tf': {'train': 1.2, 'eval': 0.75}}
+  env = bench.worker_env({'xla': '--x=1+--y=2'}, 'tuned', '--z=3')
+  assert env['MALLOC_MMAP_MAX_'] == '0' and env['XLA_FLAGS'].endswith('--z=3 --x=1 --y=2')
+  assert 'MALLOC_MMAP_MAX_' not in bench.worker_env({'malloc': 'default'}, 'tuned', '')
