@@ -6,6 +6,7 @@ import dataclasses
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from efficientnet_jax import architectures
@@ -162,7 +163,6 @@ def _scanned_runs(spec: ModelSpec) -> list[tuple[int, list[int]]]:
 
 def stack_block_variables(variables: dict, spec: ModelSpec) -> dict:
   """Default layout (block_0 .. block_N) -> the `scan_blocks=True` layout (same values)."""
-  import jax  # local: the module otherwise needs only flax and jnp
   out = {}
   for collection, tree in variables.items():
     tree = dict(tree)
@@ -177,7 +177,6 @@ def stack_block_variables(variables: dict, spec: ModelSpec) -> dict:
 
 def unstack_block_variables(variables: dict, spec: ModelSpec) -> dict:
   """The `scan_blocks=True` layout -> the default one (inverse of `stack_block_variables`)."""
-  import jax
   out = {}
   for collection, tree in variables.items():
     tree = dict(tree)
@@ -189,6 +188,44 @@ def unstack_block_variables(variables: dict, spec: ModelSpec) -> dict:
         tree[f'block_{i}'] = jax.tree.map(lambda leaf, n=n: leaf[n], stacked['scan']['block'])
     out[collection] = tree
   return out
+
+
+# Images per inference micro-batch that 'auto' picks on CPU. XLA:CPU runs a
+# layer over the whole batch before the next one starts, so at batch 64 and
+# 224 px every activation (up to 300 MB for B0's expanded 112x112 maps) goes
+# out to DRAM and back; a few images at a time stay in cache between layers.
+# Measured on the 2-core benchmark machine (B0, 224 px, batch 64): see
+# scripts/benchmark.py `ours:infer_chunk=N`.
+CPU_INFER_CHUNK = 4
+
+
+def resolve_infer_chunk(chunk: int | str, batch: int) -> int:
+  """Images per micro-batch: `chunk` ('auto': CPU_INFER_CHUNK on CPU, the whole batch
+  elsewhere; 0: the whole batch), lowered to the largest divisor of `batch`."""
+  if chunk == 'auto':
+    chunk = CPU_INFER_CHUNK if jax.default_backend() == 'cpu' else 0
+  if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 0:
+    raise ValueError(f'infer_chunk={chunk!r}; accepted: \'auto\' or an int >= 0 (0: whole batch)')
+  if chunk == 0 or chunk >= batch:
+    return batch
+  return max(d for d in range(1, chunk + 1) if batch % d == 0)
+
+
+def infer(model: EfficientNet, variables: dict, images, *, chunk: int | str = 'auto', **kwargs):
+  """`model.apply(variables, images, train=False, **kwargs)`, run in micro-batches.
+
+  Inference treats every image on its own (BN uses its running statistics), so
+  a `lax.map` over chunks of `chunk` images returns the same outputs (up to
+  fp32 round-off in reductions) while each chunk's activations stay in cache.
+  Any output pytree (logits, endpoints) is reassembled along the batch axis.
+  """
+  batch = images.shape[0]
+  chunk = resolve_infer_chunk(chunk, batch)
+  apply = lambda x: model.apply(variables, x, train=False, **kwargs)
+  if chunk == batch:
+    return apply(images)
+  out = jax.lax.map(apply, images.reshape((batch // chunk, chunk) + images.shape[1:]))
+  return jax.tree.map(lambda a: a.reshape((batch,) + a.shape[2:]), out)
 
 
 def create_model(name_or_spec: str | ModelSpec, *, drop_connect: float | None = None,

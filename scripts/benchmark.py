@@ -2,8 +2,10 @@
 
 Systems (`--systems`, comma separated, each `name[:key=value[,key=value]]`):
   ours          this repository's model and `train.train_step` (RMSProp, EMA,
-                label smoothing), options are `create_model` keywords, e.g.
-                `ours:remat=1`, `ours:scan_blocks=1`, `ours:bn_impl=flax`.
+                label smoothing); eval is `model.infer` (micro-batched on
+                CPU). Options are `create_model` keywords, e.g. `ours:remat=1`,
+                `ours:scan_blocks=1`, `ours:bn_impl=flax`, and `infer_chunk=N`
+                (images per inference micro-batch, 0: whole batch).
   keras_jax     Keras 3 `keras.applications` EfficientNet on the JAX backend.
   keras_tf      ... on the TensorFlow backend, TF's own (oneDNN) kernels.
   keras_tf_xla  ... on the TensorFlow backend with `jit_compile=True`.
@@ -19,6 +21,10 @@ interleaved rounds (the order rotates each round), so load from other jobs
 on a shared machine hits every system alike. Step time = the median over
 rounds of (wall time of `--steps` steps with one host sync at the end) /
 steps. `--isolate` runs the systems one after another instead (lower memory).
+
+Memory: `peak_rss_mb` is the worker's ru_maxrss; `info.train_xla_memory_mb` is
+XLA's buffer assignment for our train step (arguments, outputs, temporaries),
+known at compile time, so `--compile_only` already shows what remat saves.
 
 Model FLOP utilisation: XLA's cost analysis of our compiled step (flops per
 step) / step time / a measured fp32 matmul peak; `model_mfu` uses the
@@ -166,6 +172,7 @@ class OursRunner(Runner):
     from efficientnet_jax import optim
     from efficientnet_jax import train
     from efficientnet_jax.model import create_model
+    from efficientnet_jax.model import infer
 
     if cfg.get('cache_dir'):
       jax.config.update('jax_compilation_cache_dir', cfg['cache_dir'])
@@ -173,7 +180,8 @@ class OursRunner(Runner):
     self.info = {'import_rss_mb': round(_rss_mb()), 'device': str(jax.devices()[0]),
                  'matmul_gflops': round(matmul_peak_gflops(), 1)}
     kwargs = {k: _literal(v) for k, v in cfg['options'].items()
-              if k not in ('malloc', 'threads', 'xla')}
+              if k not in ('malloc', 'threads', 'xla', 'infer_chunk')}
+    infer_chunk = _literal(cfg['options'].get('infer_chunk', 'auto'))
     if 'dtype' in kwargs:
       kwargs['dtype'] = jnp.dtype(kwargs['dtype'])
     model = create_model(cfg['model'], num_classes=1000, **kwargs)
@@ -201,13 +209,15 @@ class OursRunner(Runner):
       self.compile_s['train'] = time.perf_counter() - start
       self.info['train_compile_cpu_s'] = round(time.process_time() - cpu, 1)
       self.flops['train'] = _cost_flops(compiled)
+      self.info['train_xla_memory_mb'] = _xla_memory_mb(compiled)
       self._train = [compiled, state, data, jax.random.key(1)]
     if 'eval' in modes:
       batch = cfg['eval_batch']
       variables = jax.jit(lambda k: model.init(k, jnp.zeros((1, size, size, 3))))(
           jax.random.key(0))
       images = jnp.asarray(_images(rng, batch, size, -2, 2))
-      lowered = jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(variables, images)
+      lowered = jax.jit(lambda v, x: infer(model, v, x, chunk=infer_chunk)).lower(
+          variables, images)
       start, cpu = time.perf_counter(), time.process_time()
       compiled = lowered.compile()
       self.compile_s['eval'] = time.perf_counter() - start
@@ -237,6 +247,20 @@ def _cost_flops(compiled) -> float | None:
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return float(cost['flops'])
   except Exception:  # noqa: BLE001  (cost analysis is best effort)
+    return None
+
+
+def _xla_memory_mb(compiled) -> dict | None:
+  """XLA's buffer assignment for one step: arguments, outputs and temporaries (the
+  activations kept for the backward live there), in MB. Known at compile time, so
+  `--compile_only` shows what remat saves without running a step."""
+  try:
+    m = compiled.memory_analysis()
+    return {'argument': round(m.argument_size_in_bytes / 2**20),
+            'output': round(m.output_size_in_bytes / 2**20),
+            'alias': round(m.alias_size_in_bytes / 2**20),
+            'temp': round(m.temp_size_in_bytes / 2**20)}
+  except Exception:  # noqa: BLE001  (best effort, like the cost analysis)
     return None
 
 

@@ -18,7 +18,8 @@ import pytest
 from efficientnet_jax import architectures
 from efficientnet_jax import cpu_tuning
 from efficientnet_jax import layers
-from efficientnet_jax.model import create_model, stack_block_variables, unstack_block_variables
+from efficientnet_jax.model import create_model, infer, resolve_infer_chunk
+from efficientnet_jax.model import stack_block_variables, unstack_block_variables
 
 RTOL = 1e-5
 SLOW = dict(depthwise_impl='grouped', conv_impl='conv', bn_impl='flax')
@@ -267,6 +268,21 @@ def test_scan_blocks_stochastic_depth_drops_whole_samples():
   # Eval mode is deterministic and ignores the rates.
   np.testing.assert_array_equal(jax.jit(model.apply)(variables, x),
                                 jax.jit(model.apply)(variables, x))
+
+
+def test_infer_micro_batches_match_apply():
+  spec = _tiny('b0')
+  x = jax.random.normal(jax.random.key(0), (6, 16, 16, 3))
+  model = create_model(spec, num_classes=10)
+  variables = jax.jit(model.init)(jax.random.key(1), x)
+  ref = jax.jit(functools.partial(model.apply, return_endpoints=True))(variables, x)
+  for chunk in (0, 1, 4, 'auto'):  # 4 does not divide 6: 3-image chunks
+    got = jax.jit(lambda v, x, c=chunk: infer(model, v, x, chunk=c, return_endpoints=True))(
+        variables, x)
+    _assert_close(got, ref)
+  assert [resolve_infer_chunk(c, 6) for c in (0, 1, 4, 6, 64)] == [6, 1, 3, 6, 6]
+  with pytest.raises(ValueError, match='infer_chunk'):
+    resolve_infer_chunk(-1, 6)
 
 
 # ----------------------------------------------------------------------------- process tuning
