@@ -4,7 +4,9 @@ Override any field: `--config.batch_size=256 --config.model.phi=3`. A misspelled
 or mistyped field is an error (the config is locked). Re-running the same
 command resumes from the newest checkpoint in the workdir. On a TPU pod / SLURM
 cluster run the same command on every host: `jax.distributed` is initialised
-from the environment.
+from the environment (scripts/launch_tpu_pod.sh, scripts/slurm_train.sbatch).
+Elsewhere give every process --coordinator_address=HOST:PORT --num_processes=N
+--process_id=I.
 """
 
 import os
@@ -20,12 +22,33 @@ from ml_collections import config_flags  # noqa: E402
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Training configuration file.',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and metrics.')
+# Multi-process without a cluster manager that JAX recognises (TPU pods and
+# SLURM are detected): the same three values on every process but process_id.
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', None, 'host:port of process 0, e.g. 10.0.0.1:1234.')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processes in the job.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process, 0..num_processes-1.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def _maybe_initialize_distributed():
-  """Multi-host: initialise JAX's runtime where the platform announces a cluster."""
+  """Multi-host: initialise JAX's runtime from the flags, or where the platform announces a cluster."""
   import jax  # pylint: disable=g-import-not-at-top
+  explicit = (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  if any(v is not None for v in explicit):
+    if any(v is None for v in explicit):
+      given = ', '.join(f'--{n}={v}' for n, v in zip(
+          ('coordinator_address', 'num_processes', 'process_id'), explicit) if v is not None)
+      raise ValueError(f'{given} alone; accepted: --coordinator_address, --num_processes and '
+                       '--process_id together, or none of them')
+    if _NUM_PROCESSES.value < 1:
+      raise ValueError(f'--num_processes={_NUM_PROCESSES.value}; accepted: >= 1')
+    if not 0 <= _PROCESS_ID.value < _NUM_PROCESSES.value:
+      raise ValueError(f'--process_id={_PROCESS_ID.value}; accepted: 0..'
+                       f'{_NUM_PROCESSES.value - 1} (--num_processes={_NUM_PROCESSES.value})')
+    jax.distributed.initialize(_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
+                               process_id=_PROCESS_ID.value)
+    return
   cluster_env = ('SLURM_NTASKS', 'TPU_WORKER_HOSTNAMES', 'MEGASCALE_COORDINATOR_ADDRESS',
                  'JAX_COORDINATOR_ADDRESS')
   if any(os.environ.get(v) for v in cluster_env):
@@ -41,11 +64,11 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   from efficientnet_jax import cpu_tuning  # pylint: disable=g-import-not-at-top
   cpu_tuning.tune_malloc()  # before the first large buffer; see cpu_tuning.py
-  _maybe_initialize_distributed()
   from efficientnet_jax import train  # pylint: disable=g-import-not-at-top
   try:
+    _maybe_initialize_distributed()
     train.run(_CONFIG.value, _WORKDIR.value)
-  except (ValueError, FileNotFoundError) as e:
+  except (ValueError, FileNotFoundError, train.checkpointing.CheckpointError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
 

@@ -39,7 +39,39 @@ def get_config(arg=None):
       mixup_alpha=0.0, cutmix_alpha=0.0,
       crop_padding=32,  # eval centre crop = size / (size + 32)
       inception_crop=True, shuffle_buffer=16_384,
+      # Multi-process: 'files' = each process reads its own slice (scalable);
+      # 'batch' = all walk one global order and keep their rows of each batch
+      # (the same global batches whatever the process count; reads everything).
+      process_sharding='files',
   ))
+  # Where the train state lives: 'replicate' (a copy per device) or 'fsdp'
+  # (large params / optimizer / EMA leaves split over the data axis; for the
+  # models that do not fit replicated). efficientnet_jax/sharding.py.
+  config.sharding = 'replicate'
+
+  # EfficientNetV2 progressive learning (efficientnet_jax/progressive.py): image
+  # size and regularisation grow stage by stage; each stage has its own input
+  # pipeline and compiled train step. The stage's values replace image_size,
+  # data.randaug_magnitude / mixup_alpha / cutmix_alpha and model dropout.
+  config.progressive = ml_collections.ConfigDict(dict(
+      preset='',  # '' = off; 'paper' (Table 6, linear min->max) or 'official' (AutoML code)
+      num_stages=4,
+      boundaries=(),  # end epoch of each stage, the last = the training length; () = equal
+      # min -> max per field; -1 takes the preset's number for model.name (V2-S/M/L/XL).
+      image_size_min=-1, image_size_max=-1,
+      randaug_magnitude_min=-1.0, randaug_magnitude_max=-1.0,
+      mixup_alpha_min=-1.0, mixup_alpha_max=-1.0,
+      cutmix_alpha_min=-1.0, cutmix_alpha_max=-1.0,
+      dropout_min=-1.0, dropout_max=-1.0,
+      # batch_size is the batch at the largest size; smaller stages get
+      # batch * (largest / size)**2, a multiple of the device count, at most
+      # max_batch_size (> 0), with the LR scaled to each stage's batch.
+      adapt_batch_size=False, max_batch_size=-1,
+      aot_compile=True,  # compile the next stage's step while the current one trains
+  ))
+  # JAX persistent compilation cache, so a restart skips compiling: '' = <workdir>/
+  # compile_cache unless JAX already has a cache directory; 'none' = off.
+  config.compilation_cache_dir = ''
 
   config.batch_size = 4096  # global
   config.eval_batch_size = 1024
@@ -82,6 +114,7 @@ def smoke(config):
   config.data.augment = 'none'
   config.data.inception_crop = False
   config.data.shuffle_buffer = 64
+  config.progressive.preset = ''  # one stage at the smoke size
   config.batch_size = 8
   config.eval_batch_size = 8
   config.train_steps = 2

@@ -390,11 +390,22 @@ def _orbax_restore(
     raise
 
 
-def _is_corruption(e: Exception) -> bool:
-  if isinstance(e, (json.JSONDecodeError, OSError, KeyError)):
-    # KeyError: orbax's "Item 'state' was not found in the checkpoint".
-    return True
-  return isinstance(e, ValueError) and str(e).startswith(_CORRUPTION_CODES)
+def _is_corruption(e: BaseException) -> bool:
+  # Orbax wraps tensorstore's error (e.g. OUT_OF_RANGE reading a file cut in
+  # half) in a plain Exception, so the cause chain and the text are checked.
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, (json.JSONDecodeError, OSError, KeyError)):
+      # KeyError: orbax's "Item 'state' was not found in the checkpoint".
+      return True
+    text = str(e)
+    if isinstance(e, ValueError) and text.startswith(_CORRUPTION_CODES):
+      return True
+    if any(f'{code}: Error reading' in text for code in ('DATA_LOSS', 'OUT_OF_RANGE')):
+      return True
+    e = e.__cause__ or e.__context__
+  return False
 
 
 def _check_step_dir(

@@ -1,9 +1,15 @@
 """Training: the train state, the jitted train/eval steps, and `run(config, workdir)`.
 
 `run` reads top to bottom: mesh -> data -> model -> optimizer -> restore or
-sharded init -> loop (log, eval, checkpoint) -> final eval. The steps are
-top-level pure functions with their static parts bound by functools.partial,
-so tests call them directly.
+sharded init -> loop over stages (log, eval, checkpoint) -> final eval. The
+steps are top-level pure functions with their static parts bound by
+functools.partial, so tests call them directly.
+
+Every run walks a stage plan (`progressive.py`): one stage for a plain run,
+several for EfficientNetV2 progressive learning. Each stage has its own input
+pipeline (image size, RandAugment, mixup/cutmix) and its own train step (its
+image shape and dropout); the next stage is prepared and compiled on a worker
+thread while the current one trains (`train_loop.StagePreparer`).
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ import dataclasses
 import functools
 import math
 import os
-import signal
+import shutil
 import time
 from typing import Any
 
@@ -21,8 +27,12 @@ import jax.numpy as jnp
 
 from efficientnet_jax import architectures
 from efficientnet_jax import checkpointing
+from efficientnet_jax import finetune
+from efficientnet_jax import config_checks
 from efficientnet_jax import optim
+from efficientnet_jax import progressive
 from efficientnet_jax import sharding
+from efficientnet_jax import train_loop
 from efficientnet_jax.data import augment
 from efficientnet_jax.data import input_pipeline
 from efficientnet_jax.data.sources import DataSpec
@@ -98,6 +108,7 @@ class Experiment:
   total_steps: int
   schedule: Any
   tx: Any
+  plan: progressive.StagePlan
 
 
 def data_spec_from_config(cfg) -> DataSpec:
@@ -107,10 +118,13 @@ def data_spec_from_config(cfg) -> DataSpec:
                   eval_split=cfg.eval_split)
 
 
-def build_experiment(config) -> Experiment:
-  """Validates the config and builds model, data spec and optimizer (no side effects)."""
-  if config.dtype not in DTYPES:
-    raise ValueError(f'dtype={config.dtype!r}; accepted: {", ".join(DTYPES)}')
+def build_experiment(config, device_count: int | None = None) -> Experiment:
+  """Validates the config and builds model, data spec, stage plan and optimizer.
+
+  No side effects. `device_count` (default: all devices) is what every stage's
+  global batch must be a multiple of.
+  """
+  config_checks.check_config(config)
   spec = architectures.spec_from_config(config.model)
   data = data_spec_from_config(config.data)
   info = input_pipeline.dataset_info(data)
@@ -126,11 +140,23 @@ def build_experiment(config) -> Experiment:
                      'training examples')
   total_steps = (config.train_steps if config.train_steps > 0
                  else int(math.ceil(config.num_epochs * steps_per_epoch)))
-  schedule = optim.learning_rate_schedule(
-      base_lr=config.base_lr, global_batch_size=config.batch_size,
-      steps_per_epoch=steps_per_epoch, schedule=config.lr_schedule,
-      warmup_epochs=config.warmup_epochs, decay_epochs=config.lr_decay_epochs,
-      decay_rate=config.lr_decay_rate, total_steps=total_steps)
+  augment.check_augment_name(config.data.augment)
+  plan = progressive.build_plan(
+      config, model_name=config.model.name, model_dropout=spec.dropout,
+      image_size=image_size, num_train=info['num_train'], steps_per_epoch=steps_per_epoch,
+      total_steps=total_steps, device_count=device_count or jax.device_count())
+
+  def make_schedule(batch_size, epoch_steps):
+    return optim.learning_rate_schedule(
+        base_lr=config.base_lr, global_batch_size=batch_size, steps_per_epoch=epoch_steps,
+        schedule=config.lr_schedule, warmup_epochs=config.warmup_epochs,
+        decay_epochs=config.lr_decay_epochs, decay_rate=config.lr_decay_rate,
+        total_steps=round(total_steps / steps_per_epoch * epoch_steps))
+
+  if plan.batch_sizes_vary():  # warmup and decay follow epochs; peak LR ∝ stage batch
+    schedule = progressive.staged_schedule(plan, make_schedule)
+  else:
+    schedule = make_schedule(config.batch_size, steps_per_epoch)
   exclude = spec.family == 'v2'  # V2 excludes biases and BN from decay, V1 only BN
   tx = optim.make_optimizer(
       name=config.optimizer, learning_rate=schedule, weight_decay=config.weight_decay,
@@ -138,9 +164,14 @@ def build_experiment(config) -> Experiment:
                                           exclude_bias_and_bn_scale=exclude),
       momentum=config.momentum, rmsprop_decay=config.rmsprop_decay,
       rmsprop_eps=config.rmsprop_eps)
-  augment.check_augment_name(config.data.augment)
+  freeze_blocks = config.get('freeze_blocks', 0)
+  if freeze_blocks:  # stem + first K blocks get zero updates (finetune.py)
+    shapes = jax.eval_shape(
+        lambda key: model.init(key, jnp.zeros((1, image_size, image_size, 3)), train=False),
+        jax.random.key(0))
+    tx = finetune.freeze(tx, finetune.freeze_mask(shapes['params'], spec, freeze_blocks))
   return Experiment(spec, model, data, num_classes, image_size, eval_image_size,
-                    steps_per_epoch, total_steps, schedule, tx)
+                    steps_per_epoch, plan.total_steps, schedule, tx, plan)
 
 
 def _architecture_meta(exp: Experiment) -> dict:
@@ -186,41 +217,27 @@ def evaluate(eval_fn, variables_by_name: dict, exp: Experiment, config, mesh) ->
   return out
 
 
-class _Preemption:
-  """SIGTERM sets a flag; the loop saves a checkpoint and exits cleanly."""
-
-  def __init__(self):
-    self.requested = False
-    self._previous = None
-
-  def __enter__(self):
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # not the main thread (e.g. some test runners)
-      self._previous = None
-    return self
-
-  def _handle(self, signum, frame):
-    del signum, frame
-    self.requested = True
-
-  def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+def _stage_meta(meta: dict, plan: progressive.StagePlan, step: int) -> dict:
+  """Checkpoint meta: the architecture plus the stage a resume at `step` continues."""
+  stage = plan.stage_at(step)
+  return {**meta, 'stage': stage.index, 'image_size': stage.image_size}
 
 
-def _format_eta(seconds: float) -> str:
-  seconds = int(max(seconds, 0))
-  return f'{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
+def run(config, workdir: str, devices=None) -> dict:
+  """Trains (or resumes) the configured model in `workdir`; returns the final eval metrics.
 
-
-def run(config, workdir: str) -> dict:
-  """Trains (or resumes) the configured model in `workdir`; returns the final eval metrics."""
+  `devices` (default: all) spans the mesh; a checkpoint saved on another
+  device count or sharding mode restores onto this one.
+  """
   workdir = os.path.abspath(workdir)
-  mesh = sharding.make_mesh()
+  config_checks.check_config(config)  # before the device checks: 'eval_batch_size=0; ...'
+  mesh = sharding.make_mesh(devices)
   sharding.check_batch_size(config.batch_size, mesh)
   sharding.check_batch_size(config.eval_batch_size, mesh, field='eval_batch_size')
-  exp = build_experiment(config)
+  exp = build_experiment(config, device_count=mesh.devices.size)
+  plan = exp.plan
+  for stage in plan.stages:  # adapted per-stage batches are multiples of the device count
+    sharding.check_batch_size(stage.batch_size, mesh, field=f'stage {stage.index} batch_size')
   replicated = sharding.replicated(mesh)
   batch_sharding = sharding.batch_sharding(mesh)
 
@@ -228,57 +245,111 @@ def run(config, workdir: str) -> dict:
       workdir, max_to_keep=config.keep_checkpoints,
       save_interval_steps=config.checkpoint_every_steps)
   check_workdir_matches(manager, exp, workdir)
+  cache_dir = train_loop.enable_compilation_cache(config, workdir)
+  # A cache this run creates inside the workdir is removed again if the resume
+  # fails: a refused workdir is left exactly as it was.
+  new_cache = (cache_dir is not None and cache_dir.startswith(workdir + os.sep)
+               and not os.path.exists(cache_dir))
   meta = _architecture_meta(exp)
 
-  key = jax.random.key(config.seed)
-  init_key, train_key = jax.random.split(key)
+  # Made by every process as replicated global arrays (a device_put of a local
+  # key cannot target other hosts' devices).
+  init_key, train_key = jax.jit(
+      lambda: tuple(jax.random.split(jax.random.key(config.seed))),
+      out_shardings=replicated)()
   init_fn = functools.partial(create_train_state, model=exp.model, tx=exp.tx,
                               image_size=exp.image_size)
+  # Placed by the sharding rules from shapes alone: the state is created on its
+  # shards, never whole on one device first.
   abstract = jax.eval_shape(init_fn, init_key)
+  state_sharding = sharding.state_shardings(abstract, mesh, config.get('sharding', 'replicate'))
   abstract = jax.tree.map(
-      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), abstract)
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sharding)
+  variables_sharding = state_sharding['ema']  # same shapes as {params, batch_stats}
+
+  def make_step(stage):
+    # Dropout is a static attribute of the linen module, so each rate is its own
+    # program; the params tree is the same for every stage.
+    model = exp.model if stage.dropout is None else exp.model.clone(dropout=stage.dropout)
+    return jax.jit(
+        functools.partial(train_step, model=model, tx=exp.tx, ema_decay=config.ema_decay,
+                          label_smoothing=config.label_smoothing),
+        in_shardings=(state_sharding, batch_sharding, replicated),
+        out_shardings=(state_sharding, replicated), donate_argnums=0)
+
+  def make_batches(stage, begin_step):
+    return input_pipeline.make_train_iterator(
+        exp.data, image_size=stage.image_size,
+        batch_size=stage.batch_size // jax.process_count(), seed=config.seed,
+        normalization=exp.spec.normalization, augment=config.data.augment,
+        randaug_layers=config.data.randaug_layers,
+        randaug_magnitude=stage.randaug_magnitude, mixup_alpha=stage.mixup_alpha,
+        cutmix_alpha=stage.cutmix_alpha, num_classes=exp.num_classes,
+        start_step=stage.data_step(begin_step), process_index=jax.process_index(),
+        process_count=jax.process_count(), shuffle_buffer=config.data.shuffle_buffer,
+        inception_crop=config.data.inception_crop,
+        process_sharding=config.data.get('process_sharding', 'files'))
+
+  aot = bool(config.get('progressive', {}).get('aot_compile', True))
+  preparer = train_loop.StagePreparer(
+      make_batches=make_batches, make_step=make_step, batch_sharding=batch_sharding,
+      abstract_state=abstract,
+      abstract_key=jax.ShapeDtypeStruct(train_key.shape, train_key.dtype, sharding=replicated),
+      aot_compile=aot)
+  eval_jit = jax.jit(functools.partial(eval_step, model=exp.model),
+                     in_shardings=(variables_sharding, batch_sharding),
+                     out_shardings=replicated)
   start_step = checkpointing.latest_step(manager)
   if start_step is not None:
-    state, _ = checkpointing.restore(manager, abstract, start_step)
-    print(f'resumed from {workdir}/checkpoints at step {start_step}', flush=True)
+    try:
+      state, saved = checkpointing.restore(manager, abstract, start_step)
+    except Exception:
+      if new_cache:
+        shutil.rmtree(cache_dir, ignore_errors=True)
+      raise
+    stage = plan.stage_at(start_step)
+    print(f'resumed from {workdir}/checkpoints at step {start_step} (stage {stage.index}, '
+          f'{stage.image_size}px)', flush=True)
+    if 'stage' in saved and saved['stage'] != stage.index:
+      print(f'note: the checkpoint was saved for stage {saved["stage"]}; this config\'s '
+            f'schedule puts step {start_step} in stage {stage.index}', flush=True)
   else:
     start_step = 0
-    state = jax.jit(init_fn, out_shardings=replicated)(init_key)
+    state = jax.jit(init_fn, out_shardings=state_sharding)(init_key)
+    if config.get('init_from', ''):  # fine-tuning: pretrained backbone, fresh head
+      source, pretrained, _ = finetune.load_pretrained(
+          config.init_from, config.get('init_from_model', '') or None,
+          config=config.get('init_from_config', '') or None)
+      if (source.padding, source.spec.bn_epsilon) != (exp.model.padding, exp.spec.bn_epsilon):
+        print(f'note: {config.init_from} was trained with padding={source.padding!r}, '
+              f'bn_epsilon={source.spec.bn_epsilon}; this config uses '
+              f'{exp.model.padding!r}, {exp.spec.bn_epsilon}', flush=True)
+      state, report = finetune.init_state_from(
+          jax.device_get(state), pretrained, tx=exp.tx,
+          spec=exp.spec if exp.model.scan_blocks else None)
+      state = jax.device_put(state, state_sharding)
+      print(f'initialised from {config.init_from}:\n{report.summary()}', flush=True)
 
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'config.json'), 'w', encoding='utf-8') as f:
       f.write(config.to_json_best_effort(indent=1, sort_keys=True))
   writer = MetricWriter(workdir)
-
-  step_fn = jax.jit(
-      functools.partial(train_step, model=exp.model, tx=exp.tx, ema_decay=config.ema_decay,
-                        label_smoothing=config.label_smoothing),
-      in_shardings=(replicated, batch_sharding, replicated),
-      out_shardings=(replicated, replicated), donate_argnums=0)
-  eval_fn = jax.jit(functools.partial(eval_step, model=exp.model),
-                    in_shardings=(replicated, batch_sharding), out_shardings=replicated)
-  train_key = jax.device_put(train_key, replicated)
-
-  process_batch = config.batch_size // jax.process_count()
-  train_batches = input_pipeline.make_train_iterator(
-      exp.data, image_size=exp.image_size, batch_size=process_batch, seed=config.seed,
-      normalization=exp.spec.normalization, augment=config.data.augment,
-      randaug_layers=config.data.randaug_layers,
-      randaug_magnitude=config.data.randaug_magnitude, mixup_alpha=config.data.mixup_alpha,
-      cutmix_alpha=config.data.cutmix_alpha, num_classes=exp.num_classes,
-      start_step=start_step, process_index=jax.process_index(),
-      process_count=jax.process_count(), shuffle_buffer=config.data.shuffle_buffer,
-      inception_crop=config.data.inception_crop)
-
+  logger = train_loop.TrainLogger(writer, plan=plan, schedule=exp.schedule,
+                                  log_every=config.log_every_steps, start_step=start_step)
   eval_every = config.eval_every_steps if config.eval_every_steps > 0 else exp.steps_per_epoch
-  print(f'training {exp.spec.name} ({exp.num_classes} classes) at {exp.image_size}px, '
-        f'batch {config.batch_size} on {jax.device_count()} devices, steps '
-        f'{start_step}->{exp.total_steps} ({exp.steps_per_epoch}/epoch)', flush=True)
+  sizes = '->'.join(str(s.image_size) for s in plan.stages)
+  print(f'training {exp.spec.name} ({exp.num_classes} classes) at {sizes}px '
+        f'({len(plan.stages)} stage{"s" * (len(plan.stages) > 1)}), batch {config.batch_size} '
+        f'on {mesh.devices.size} devices, steps {start_step}->{exp.total_steps} '
+        f'({exp.steps_per_epoch}/epoch)', flush=True)
 
   def do_eval(step, state):
+    nonlocal eval_fn
+    if not callable(eval_fn):  # the ahead-of-time compile's Future
+      eval_fn = eval_fn.result()
     results = evaluate(eval_fn, {'ema': state['ema'], 'raw': {
         'params': state['params'], 'batch_stats': state['batch_stats']}}, exp, config, mesh)
-    record = {'step': step, 'split': 'eval', 'epoch': step / exp.steps_per_epoch,
+    record = {'step': step, 'split': 'eval', 'epoch': plan.epoch_at(step),
               'image_size': exp.eval_image_size}
     for name, r in results.items():
       prefix = '' if name == 'ema' else 'raw_'
@@ -288,61 +359,60 @@ def run(config, workdir: str) -> dict:
           f'raw top1 {record["raw_top1"]:.4f}, {record["count"]} examples', flush=True)
     return record
 
-  last_eval = None
-  pending = None  # (step, metrics) fetched one step late so logging never blocks dispatch
-  last_log_step, last_log_time = start_step, time.time()
+  last_eval, eval_fn = None, eval_jit
   step = start_step
-  with _Preemption() as preemption:
-    while step < exp.total_steps:
-      if preemption.requested:
-        checkpointing.save(manager, step, state, meta=meta, force=True)
-        checkpointing.wait(manager)
-        print(f'SIGTERM: saved step {step} and stopped', flush=True)
-        writer.close()
-        return {'preempted_at': step}
-      batch = sharding.to_global(next(train_batches), batch_sharding)
-      state, metrics = step_fn(state, batch, train_key)
-      step += 1
-      if pending is not None:
-        _log_train(writer, pending, exp, config, last_log_step, last_log_time)
-        last_log_step, last_log_time = pending[0], pending[2]
-        pending = None
-      if step % config.log_every_steps == 0 or step == exp.total_steps:
-        pending = (step, metrics, time.time())
-      if step % eval_every == 0 or step == exp.total_steps:
-        if pending is not None:
-          _log_train(writer, pending, exp, config, last_log_step, last_log_time)
-          last_log_step, last_log_time, pending = pending[0], pending[2], None
-        last_eval = do_eval(step, state)
-        checkpointing.save(manager, step, state, meta=meta,
-                           metrics={'eval/top1': last_eval['top1']}, force=True)
-      elif step % config.checkpoint_every_steps == 0:
-        checkpointing.save(manager, step, state, meta=meta)
-  if pending is not None:
-    _log_train(writer, pending, exp, config, last_log_step, last_log_time)
-  checkpointing.wait(manager)
-  if last_eval is None:
-    last_eval = do_eval(step, state)
+  stage_end_time = time.perf_counter()  # a first stage's stall counts from here
+  with preparer, train_loop.Preemption() as preemption:
+    if step < plan.total_steps:
+      next_stage = preparer.submit(plan.stage_at(step), step)
+    if preparer.aot_compile:  # queued after the first stage: needed only at the first eval
+      eval_fn = preparer.compile(
+          eval_jit, {'params': abstract['params'], 'batch_stats': abstract['batch_stats']},
+          train_loop.abstract_eval_batch(config.eval_batch_size, exp.eval_image_size,
+                                         batch_sharding))
+    while step < plan.total_steps:
+      prepared = next_stage.result()
+      stage = prepared.stage
+      if stage.index + 1 < len(plan.stages):  # compile the next stage while this one trains
+        following = plan.stages[stage.index + 1]
+        next_stage = preparer.submit(following, following.start_step)
+      batch, batches = prepared.first_batch, prepared.batches
+      while step < stage.end_step:
+        if preemption.requested:
+          checkpointing.save(manager, step, state, meta=_stage_meta(meta, plan, step),
+                             force=True)
+          checkpointing.wait(manager)
+          print(f'SIGTERM: saved step {step} and stopped', flush=True)
+          writer.close()
+          return {'preempted_at': step}
+        if batch is None:
+          batch = sharding.to_global(next(batches), batch_sharding)
+        state, metrics = prepared.step_fn(state, batch, train_key)
+        batch = None
+        if step == prepared.begin_step:
+          # Wall time from the previous stage's last step to this stage's first
+          # dispatch: pipeline hand-over plus any compile left to do.
+          writer.write(train_loop.stage_start_record(
+              prepared, plan=plan, stall_s=time.perf_counter() - stage_end_time,
+              aot_compile=preparer.aot_compile))
+        step += 1
+        logger.after_step(step, metrics, stage.batch_size)
+        if step % eval_every == 0 or step == plan.total_steps:
+          logger.flush()
+          last_eval = do_eval(step, state)
+          checkpointing.save(manager, step, state, meta=_stage_meta(meta, plan, step),
+                             metrics={'eval/top1': last_eval['top1']}, force=True)
+        elif step % config.checkpoint_every_steps == 0:
+          checkpointing.save(manager, step, state, meta=_stage_meta(meta, plan, step))
+      batches.close()  # frees this stage's tf.data buffers
+      jax.block_until_ready(state['step'])
+      stage_end_time = time.perf_counter()
+    logger.flush()
+    checkpointing.wait(manager)
+    if last_eval is None:
+      last_eval = do_eval(step, state)
   writer.close()
   return last_eval
-
-
-def _log_train(writer, pending, exp, config, last_step, last_time):
-  step, metrics, now = pending
-  metrics = jax.device_get(metrics)
-  loss = float(metrics['loss'])
-  if not math.isfinite(loss):
-    raise FloatingPointError(f'non-finite training loss {loss} between steps {last_step} and '
-                             f'{step}; the last checkpoint before step {last_step} is kept')
-  images_per_sec = (step - last_step) * config.batch_size / max(now - last_time, 1e-9)
-  record = {'step': step, 'split': 'train', 'epoch': step / exp.steps_per_epoch,
-            'loss': loss, 'top1': float(metrics['top1']),
-            'lr': float(exp.schedule(step - 1)), 'images_per_sec': images_per_sec}
-  writer.write(record)
-  eta = (exp.total_steps - step) * config.batch_size / max(images_per_sec, 1e-9)
-  print(f'step {step}/{exp.total_steps} epoch {record["epoch"]:.2f} loss {loss:.4f} '
-        f'top1 {record["top1"]:.3f} lr {record["lr"]:.5f} {images_per_sec:.1f} img/s '
-        f'ETA {_format_eta(eta)}', flush=True)
 
 
 def load_checkpoint(config, workdir: str, step: int | None = None, mesh=None):

@@ -140,7 +140,8 @@ def make_train_iterator(spec: DataSpec, *, image_size: int, batch_size: int,
                         num_classes: int, start_step: int = 0,
                         process_index: int = 0, process_count: int = 1,
                         shuffle_buffer: int = 10_000,
-                        inception_crop: bool = True) -> Iterator[dict]:
+                        inception_crop: bool = True,
+                        process_sharding: str = 'files') -> Iterator[dict]:
   """Infinite, deterministic iterator of this process's training batches.
 
   Args:
@@ -161,6 +162,12 @@ def make_train_iterator(spec: DataSpec, *, image_size: int, batch_size: int,
     shuffle_buffer: examples in the shuffle buffer.
     inception_crop: False replaces the random crop by the whole (centre
       square of the) image, for tiny images such as 28-px Fashion-MNIST.
+    process_sharding: 'files' (each process shuffles and reads its own
+      `even_splits` slice: scalable, the default) or 'batch' (every process
+      walks the same seeded global order and keeps its rows of each global
+      batch, decoding only those; per-example seeds come from the global
+      index, so the global batch is the same whatever the process count, as
+      long as mixup/cutmix are off. Every process reads every record.)
 
   Returns:
     Iterator of {'image': float32 [B, S, S, 3] normalised,
@@ -177,8 +184,16 @@ def make_train_iterator(spec: DataSpec, *, image_size: int, batch_size: int,
   if num_classes < len(source.class_names):
     raise ValueError(f'num_classes={num_classes} but dataset {spec.name!r} has '
                      f'{len(source.class_names)} classes.')
-  per_process = source.num_examples(spec.train_split, process_index,
-                                    process_count, True)
+  if process_sharding not in ('files', 'batch'):
+    raise ValueError(f'data.process_sharding={process_sharding!r}; accepted: files, batch')
+  by_batch = process_sharding == 'batch' and process_count > 1
+  if by_batch:  # one global order; this process keeps rows [p*B, (p+1)*B) of each batch
+    global_batch = batch_size * process_count
+    steps_per_epoch = source.num_examples(spec.train_split, 0, 1, True) // global_batch
+    per_process = steps_per_epoch * batch_size
+  else:
+    per_process = source.num_examples(spec.train_split, process_index,
+                                      process_count, True)
   steps_per_epoch = per_process // batch_size
   if steps_per_epoch == 0:
     raise ValueError(f'Per-process batch {batch_size} is larger than this '
@@ -196,12 +211,20 @@ def make_train_iterator(spec: DataSpec, *, image_size: int, batch_size: int,
             tf.one_hot(label, num_classes, dtype=tf.float32))
 
   def epoch_dataset(epoch: int, skip_batches: int) -> tf.data.Dataset:
-    epoch_seed = _epoch_seed(seed, epoch, process_index)
-    ds = source.examples(spec.train_split, process_index, process_count, True,
-                         shuffle_seed=epoch_seed)
-    ds = ds.shuffle(shuffle_buffer, seed=epoch_seed).enumerate()
-    # Skip before decoding, after enumerate: resumed examples keep their seeds.
-    ds = ds.skip(skip_batches * batch_size)
+    if by_batch:
+      epoch_seed = _epoch_seed(seed, epoch, 0)
+      ds = source.examples(spec.train_split, 0, 1, True, shuffle_seed=epoch_seed)
+      ds = ds.shuffle(shuffle_buffer, seed=epoch_seed).enumerate()
+      ds = ds.skip(skip_batches * global_batch)
+      # Keep this process's rows before decoding: the others' cost a record read.
+      ds = ds.filter(lambda i, ex: (i % global_batch) // batch_size == process_index)
+    else:
+      epoch_seed = _epoch_seed(seed, epoch, process_index)
+      ds = source.examples(spec.train_split, process_index, process_count, True,
+                           shuffle_seed=epoch_seed)
+      ds = ds.shuffle(shuffle_buffer, seed=epoch_seed).enumerate()
+      # Skip before decoding, after enumerate: resumed examples keep their seeds.
+      ds = ds.skip(skip_batches * batch_size)
     epoch_key = tf.constant(epoch_seed, tf.int64)
     ds = ds.map(lambda i, ex: example_fn(tf.stack([epoch_key, i]), *ex),
                 num_parallel_calls=tf.data.AUTOTUNE)

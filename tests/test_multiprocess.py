@@ -1,0 +1,73 @@
+"""2 processes x 4 CPU devices (jax.distributed on 127.0.0.1) train like 1 process x 8."""
+
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+
+from efficientnet_jax import train
+from tests.test_bad_input import _config
+from tests.test_bad_input import data_root  # noqa: F401  (the fixture)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 3
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def _flags(data_root, workdir):
+  return ['--config=configs/base.py:smoke', f'--workdir={workdir}',
+          '--config.data.name=fashion_mnist', '--config.data.eval_split=test',
+          f'--config.data.source_dir={data_root / "idx"}',
+          f'--config.data.data_dir={data_root / "tfds"}',
+          f'--config.train_steps={STEPS}', '--config.data.process_sharding=batch',
+          '--config.compilation_cache_dir=none']
+
+
+def test_two_processes_match_one_process(data_root, tmp_path):  # noqa: F811
+  assert jax.device_count() == 8
+  reference = tmp_path / 'one'
+  train.run(_config(data_root, train_steps=STEPS, **{'data.process_sharding': 'batch'}),
+            str(reference))
+
+  workdir = tmp_path / 'two'
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4',
+             JAX_PLATFORMS='cpu', JAX_DISABLE_MOST_OPTIMIZATIONS='1')
+  port = _free_port()
+  procs = [subprocess.Popen(
+      [sys.executable, 'train.py', *_flags(data_root, workdir),
+       f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2', f'--process_id={i}'],
+      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for i in range(2)]
+  outputs = []
+  for proc in procs:
+    try:
+      out, _ = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+      for p in procs:
+        p.kill()
+      raise
+    outputs.append(out)
+  for proc, out in zip(procs, outputs):
+    assert proc.returncode == 0, out[-3000:]
+  assert f'on 8 devices, steps 0->{STEPS}' in outputs[0]
+  # Eval saw every one of the 13 test examples exactly once across the processes.
+  assert 'eval step 3:' in outputs[0] and '13 examples' in outputs[0]
+
+  _, a, step_a = train.load_checkpoint(_config(data_root), str(reference))
+  _, b, step_b = train.load_checkpoint(_config(data_root), str(workdir))
+  assert step_a == step_b == STEPS
+  a, b = jax.device_get(a), jax.device_get(b)
+  for tree in ('params', 'batch_stats', 'ema'):
+    flat_a = jax.tree_util.tree_leaves_with_path(a[tree])
+    flat_b = jax.tree_util.tree_leaves_with_path(b[tree])
+    for (path, x), (_, y) in zip(flat_a, flat_b):
+      np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6,
+                                 err_msg=f'{tree}{jax.tree_util.keystr(path)}')
