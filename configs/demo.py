@@ -9,7 +9,8 @@ accuracy stalled near 88 %), RMSProp with TF1 semantics, cosine LR, EMA; 6 epoch
 accuracy ~ test accuracy), and with drop_connect 0.2 and 5 epochs it ended at 89.2 %.
 Hardware: any 2-core CPU machine, no internet; data from /usr/share/datasets/fashion-mnist.
 Expected (measured on the 2-core CPU machine, see README): 90.4 % test top-1 (EMA),
-TIME_PLACEHOLDER.
+13.1 min wall for `make demo` with the venv in place
+(581 img/s median training throughput), measured 2026-11-25 on an otherwise idle machine.
 """
 
 from configs import base
