@@ -15,12 +15,17 @@ crop size/(size+32), ImageNet mean/std. No progressive learning, mixup or cutmix
 from configs import base
 
 
-def get_config(arg=None):
+def v2_b_config(name: str, arg=None):
+  """The V2-B recipe for `name` (v2_b0 .. v2_b3); arg 'smoke' for the smoke variant."""
   config = base.get_config()
-  config.model.name = 'v2_b0'  # train/eval size and dropout from the official table
+  config.model.name = name  # train/eval size and dropout from the official table
   config.data.augment = 'autoaugment'
   config.data.crop_padding = 32
   config.progressive.preset = ''
   if arg == 'smoke':
     base.smoke(config)
   return config
+
+
+def get_config(arg=None):
+  return v2_b_config('v2_b0', arg)

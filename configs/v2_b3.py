@@ -12,15 +12,8 @@ configs/v2_s.py, with the legacy V1 input pipeline: AutoAugment policy v0, bicub
 crop size/(size+32), ImageNet mean/std. No progressive learning, mixup or cutmix.
 """
 
-from configs import base
+from configs import v2_b0
 
 
 def get_config(arg=None):
-  config = base.get_config()
-  config.model.name = 'v2_b3'  # train/eval size and dropout from the official table
-  config.data.augment = 'autoaugment'
-  config.data.crop_padding = 32
-  config.progressive.preset = ''
-  if arg == 'smoke':
-    base.smoke(config)
-  return config
+  return v2_b0.v2_b_config('v2_b3', arg)

@@ -72,13 +72,19 @@ def conv(x, features: int, kernel: int = 1, stride: int = 1, *, padding: str = '
   return MatmulConv(features, kernel, stride, tuple(map(tuple, pads)), dtype, name=name)(x)
 
 
+def _resolve_impl(field: str, impl: str, accepted: tuple[str, ...], *, cpu: str,
+                  native: str) -> str:
+  """Validates `impl`; 'auto' becomes `cpu` on XLA:CPU and `native` on GPU/TPU."""
+  if impl not in accepted:
+    raise ValueError(f'{field}={impl!r}; accepted: {", ".join(accepted)}')
+  if impl == 'auto':
+    return cpu if jax.default_backend() == 'cpu' else native
+  return impl
+
+
 def resolve_conv_impl(impl: str) -> str:
   """'auto' picks 'matmul' on CPU (see `MatmulConv`), the native conv elsewhere."""
-  if impl not in CONV_IMPLS:
-    raise ValueError(f'conv_impl={impl!r}; accepted: {", ".join(CONV_IMPLS)}')
-  if impl == 'auto':
-    return 'matmul' if jax.default_backend() == 'cpu' else 'conv'
-  return impl
+  return _resolve_impl('conv_impl', impl, CONV_IMPLS, cpu='matmul', native='conv')
 
 
 @jax.custom_vjp
@@ -147,11 +153,7 @@ class MatmulConv(nn.Module):
 
 def resolve_depthwise_impl(impl: str) -> str:
   """'auto' picks shifted multiply-adds on CPU (XLA:CPU grouped convs are slow), grouped elsewhere."""
-  if impl not in DEPTHWISE_IMPLS:
-    raise ValueError(f'depthwise={impl!r}; accepted: {", ".join(DEPTHWISE_IMPLS)}')
-  if impl == 'auto':
-    return 'shifted' if jax.default_backend() == 'cpu' else 'grouped'
-  return impl
+  return _resolve_impl('depthwise', impl, DEPTHWISE_IMPLS, cpu='shifted', native='grouped')
 
 
 def _shifted_forward(x, kernel, stride: int, pads):
@@ -373,11 +375,7 @@ class FusedBatchNorm(nn.Module):
 
 def resolve_bn_impl(impl: str) -> str:
   """'auto' picks the fused BN + activation on CPU, flax's nn.BatchNorm elsewhere."""
-  if impl not in BN_IMPLS:
-    raise ValueError(f'bn_impl={impl!r}; accepted: {", ".join(BN_IMPLS)}')
-  if impl == 'auto':
-    return 'fused' if jax.default_backend() == 'cpu' else 'flax'
-  return impl
+  return _resolve_impl('bn_impl', impl, BN_IMPLS, cpu='fused', native='flax')
 
 
 def batch_norm_act(x, train: bool, *, momentum: float, epsilon: float, dtype: Dtype,

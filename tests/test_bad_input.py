@@ -12,34 +12,19 @@ import sys
 
 import pytest
 
-from configs import base
 from efficientnet_jax import checkpointing
 from efficientnet_jax import train
-from tests.test_data_fashion_mnist import write_fake_fashion_mnist
+from tests import smoke_run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope='module')
 def data_root(tmp_path_factory):
-  root = tmp_path_factory.mktemp('fashion')
-  write_fake_fashion_mnist(root / 'idx', num_train=40, num_test=13)
-  return root
+  return smoke_run.write_fake_data(tmp_path_factory.mktemp('fashion'))
 
 
-def _config(data_root, **overrides):
-  config = base.get_config('smoke')
-  config.data.name = 'fashion_mnist'
-  config.data.eval_split = 'test'
-  config.data.source_dir = str(data_root / 'idx')
-  config.data.data_dir = str(data_root / 'tfds')
-  for key, value in overrides.items():
-    node = config
-    *path, leaf = key.split('.')
-    for p in path:
-      node = node[p]
-    node[leaf] = value
-  return config
+_config = smoke_run.smoke_config
 
 
 def _snapshot(path):

@@ -288,8 +288,12 @@ def test_infer_micro_batches_match_apply():
 # ----------------------------------------------------------------------------- process tuning
 
 
-def test_tune_malloc_is_safe_to_call():
-  assert cpu_tuning.tune_malloc() in (True, False)
+def test_tune_malloc_takes_effect_under_glibc():
+  # glibc (Linux here and on CI) accepts both mallopt settings; other C
+  # libraries make it a no-op that reports False.
+  import platform  # pylint: disable=g-import-not-at-top
+  expected = platform.libc_ver()[0] == 'glibc'
+  assert cpu_tuning.tune_malloc() is expected
 
 
 def _benchmark_module():

@@ -18,7 +18,7 @@ from efficientnet_jax import checkpointing
 from efficientnet_jax import progressive
 from efficientnet_jax import train
 from efficientnet_jax import train_loop
-from tests.test_data_fashion_mnist import write_fake_fashion_mnist
+from tests import smoke_run
 
 IMAGENET_TRAIN = 1_281_167
 
@@ -128,9 +128,7 @@ def test_adapted_learning_rate_follows_the_stage_batch():
 
 @pytest.fixture(scope='module')
 def data_root(tmp_path_factory):
-  root = tmp_path_factory.mktemp('fashion')
-  write_fake_fashion_mnist(root / 'idx', num_train=40, num_test=13)
-  return root
+  return smoke_run.write_fake_data(tmp_path_factory.mktemp('fashion'))
 
 
 def _config(data_root, **overrides):
@@ -140,11 +138,7 @@ def _config(data_root, **overrides):
   dropout stays 0.2, so the runs share their compiled steps through the
   persistent cache.
   """
-  config = base.get_config('smoke')
-  config.data.name = 'fashion_mnist'
-  config.data.eval_split = 'test'
-  config.data.source_dir = str(data_root / 'idx')
-  config.data.data_dir = str(data_root / 'tfds')
+  config = smoke_run.smoke_config(data_root)
   config.data.augment = 'randaugment'
   config.train_steps = 8
   config.checkpoint_every_steps = 1000
@@ -155,13 +149,7 @@ def _config(data_root, **overrides):
   p.mixup_alpha_min, p.mixup_alpha_max = 0.0, 0.3
   p.cutmix_alpha_min, p.cutmix_alpha_max = 0.0, 0.0
   p.dropout_min, p.dropout_max = 0.2, 0.2
-  for key, value in overrides.items():
-    node = config
-    *path, leaf = key.split('.')
-    for part in path:
-      node = node[part]
-    node[leaf] = value
-  return config
+  return smoke_run.set_fields(config, overrides)
 
 
 # Where augmentation is not under test: cheaper pipelines to build.

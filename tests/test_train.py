@@ -12,13 +12,12 @@ import numpy as np
 import optax
 import pytest
 
-from configs import base
 from efficientnet_jax import architectures
 from efficientnet_jax import optim
 from efficientnet_jax import sharding
 from efficientnet_jax import train
 from efficientnet_jax.model import create_model
-from tests.test_data_fashion_mnist import write_fake_fashion_mnist
+from tests import smoke_run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -80,9 +79,7 @@ def test_batch_stats_are_global_batch_statistics():
 @pytest.fixture(scope='module')
 def fake_fashion_mnist(tmp_path_factory):
   """40 train / 13 test IDX images in a throwaway dir: the real Fashion-MNIST builder, tiny."""
-  root = tmp_path_factory.mktemp('fashion')
-  write_fake_fashion_mnist(root / 'idx', num_train=40, num_test=13)
-  return root
+  return smoke_run.write_fake_data(tmp_path_factory.mktemp('fashion'))
 
 
 @pytest.fixture(autouse=True)
@@ -94,18 +91,7 @@ _DATA_ROOT = None
 
 
 def _smoke_config(**overrides):
-  config = base.get_config('smoke')
-  config.data.name = 'fashion_mnist'
-  config.data.eval_split = 'test'
-  config.data.source_dir = str(_DATA_ROOT / 'idx')
-  config.data.data_dir = str(_DATA_ROOT / 'tfds')
-  for key, value in overrides.items():
-    node = config
-    *path, leaf = key.split('.')
-    for p in path:
-      node = node[p]
-    node[leaf] = value
-  return config
+  return smoke_run.smoke_config(_DATA_ROOT, **overrides)
 
 
 def _params(config, workdir):
