@@ -7,6 +7,15 @@ an XLA elementwise pass over a 58 MB tensor 4-6x slower than numpy writing into
 a reused buffer, and the whole B0 train step ~1.7x slower. Keeping freed memory
 in the heap removes the faults; the price is that the process keeps its peak
 footprint (which ru_maxrss reports anyway).
+
+What this does not reach: a thread that glibc put on one of its per-thread
+arenas gets a block larger than the arena's 64 MiB heap from mmap whatever
+M_MMAP_MAX says, and unmaps it on free. Whether XLA:CPU's step buffers land
+there varies from process to process: on the AVX-512 2-core machine
+(2026-11-26) the B0 train step ran at 2.2 s in some benchmark rounds and 4-6 s
+in others, its resident memory swinging by 3.6 GB within a step. One arena
+for all threads (MALLOC_ARENA_MAX=1) held it at 2.1-2.2 s but let the heap
+grow to 13-20 GB resident by fragmentation, so it is not set here.
 """
 
 from __future__ import annotations

@@ -432,8 +432,9 @@ class MBConv(nn.Module):
                           dtype=self.dtype, act=act, impl=self.bn_impl, name=name)
 
   @nn.compact
-  def __call__(self, x, train: bool = False, drop_rate=None):
-    """`drop_rate` (a traced scalar) replaces block.drop_rate: scanned repeats differ only in it."""
+  def __call__(self, x, train: bool = False, drop_rate=None, drop_mask=None):
+    """`drop_rate` (a traced scalar) replaces block.drop_rate: scanned repeats differ only in it.
+    `drop_mask` ([B, 1, 1, 1], see remat.drop_mask) replaces the block's own stochastic depth."""
     b = self.block
     inputs = x
     if b.fused:
@@ -459,7 +460,9 @@ class MBConv(nn.Module):
       x = conv(x, b.out_ch, 1, dtype=self.dtype, impl=self.conv_impl, name='project_conv')
       x = self._bn(x, train, 'project_bn')
     if b.residual:
-      if drop_rate is not None:
+      if drop_mask is not None:
+        x = x * drop_mask
+      elif drop_rate is not None:
         # block.drop_rate > 0 says statically whether stochastic depth is on at all.
         if train and b.drop_rate > 0:
           x = _drop_connect(x, drop_rate, self.make_rng('dropout'))

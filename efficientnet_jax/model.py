@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 from efficientnet_jax import architectures
 from efficientnet_jax import layers
+from efficientnet_jax import remat as remat_lib
 from efficientnet_jax.architectures import ModelSpec
 
 Dtype = Any
@@ -32,8 +33,10 @@ class EfficientNet(nn.Module):
     bn_impl: 'auto', 'flax' or 'fused' (BN + activation with a hand-written
       backward, see layers.FusedBatchNorm); same variables either way.
     dropout: head dropout; None uses spec.dropout (progressive learning overrides it).
-    remat: recompute each block's activations in the backward pass
-      (`nn.remat`): less memory for ~1 extra forward pass. Same parameters.
+    remat: recompute each block's activations in the backward pass (see
+      `remat.py`; `nn.remat` inside scanned stages): less memory for ~1 extra
+      forward pass. Same parameters; stochastic depth draws different (equally
+      distributed) masks.
     scan_blocks: run the repeats of each stage (every block after its first,
       which share shapes) as one `nn.scan`, so XLA compiles one body per stage
       instead of one per block. Their parameters are then stacked under
@@ -77,11 +80,11 @@ class EfficientNet(nn.Module):
     x = self._bn(x, train, 'stem_bn', spec.activation)
     endpoints['stem'] = x
     blocks = spec.blocks()
-    block_cls = nn.remat(layers.MBConv, static_argnums=(2,)) if self.remat else layers.MBConv
     reduction = 0
     for stage, run in _stage_runs(blocks, self.scan_blocks):
       if len(run) == 1:
-        x = block_cls(run[0], **self._block_kwargs(), name=f'block_{run[0].index}')(x, train)
+        block = layers.MBConv(run[0], **self._block_kwargs(), name=f'block_{run[0].index}')
+        x = self._remat_block(block, x) if self.remat and train else block(x, train)
       else:
         x = _ScanRepeats(run[0], len(run), train, self.remat,
                          tuple(sorted(self._block_kwargs().items())),
@@ -105,6 +108,15 @@ class EfficientNet(nn.Module):
                    name='classifier')(x)
     x = x.astype(jnp.float32)
     return (x, endpoints) if return_endpoints else x
+
+  def _remat_block(self, block, x):
+    # The stochastic-depth mask is drawn here, outside the recomputed function,
+    # so the backward pass reruns the block with the same mask.
+    b = block.block
+    mask = None
+    if b.residual and b.drop_rate > 0:
+      mask = remat_lib.drop_mask(self.make_rng('dropout'), b.drop_rate, x.shape[0], self.dtype)
+    return remat_lib.remat_call(block, x, mask)
 
 
 def _stage_runs(blocks, scan: bool) -> list[tuple[int, list]]:

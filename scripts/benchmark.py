@@ -18,9 +18,12 @@ Each system runs in its own worker process, so peak memory (ru_maxrss) is its
 own and every framework gets its own threads and allocator settings. All
 workers compile first, one at a time; then the timed steps run in
 interleaved rounds (the order rotates each round), so load from other jobs
-on a shared machine hits every system alike. Step time = the median over
-rounds of (wall time of `--steps` steps with one host sync at the end) /
-steps. `--isolate` runs the systems one after another instead (lower memory).
+on a shared machine hits every system alike. Each turn starts with
+`--turn_warmup` untimed steps: a process whose memory the kernel handed back
+while another system ran (our B0 step's 3.6 GB of buffers, re-faulted at up
+to 2x the step time) is timed warm, as a training job that owns its cores
+runs. Step time = the median over rounds of (wall time of `--steps` steps
+with one host sync at the end) / steps. `--isolate` runs the systems one after another instead (lower memory).
 
 Memory: `peak_rss_mb` is the worker's ru_maxrss; `info.train_xla_memory_mb` is
 XLA's buffer assignment for our train step (arguments, outputs, temporaries),
@@ -500,6 +503,12 @@ def _setup(worker: Worker, modes: list[str], args) -> None:
 
 def _timed_round(worker: Worker, modes: list[str], args) -> None:
   for mode in modes:
+    if args.turn_warmup:  # untimed: page memory back in after another system's turn
+      reply = worker.ask({'cmd': 'run', 'mode': mode, 'steps': args.turn_warmup}, args.timeout)
+      if 'error' in reply:
+        worker.error = reply['error']
+        worker.close()
+        return
     reply = worker.ask({'cmd': 'run', 'mode': mode, 'steps': args.steps}, args.timeout)
     if 'error' in reply:
       worker.error = reply['error']
@@ -592,6 +601,7 @@ def run_benchmark(args) -> dict:
       'date': time.strftime('%Y-%m-%d %H:%M'), 'host': host_info(), 'model': args.model,
       'image_size': size, 'train_batch': args.train_batch, 'eval_batch': args.eval_batch,
       'malloc': args.malloc, 'xla_flags': args.xla_flags, 'warmup': args.warmup,
+      'turn_warmup': args.turn_warmup,
       'steps': args.steps, 'rounds': args.rounds, 'interleaved': not args.isolate,
       'matmul_peak_gflops': peak, 'model_macs_per_image': macs, 'systems': systems}
   result['ratios'] = ratios(systems, modes)
@@ -732,6 +742,8 @@ def main() -> None:
   parser.add_argument('--systems', default=DEFAULT_SYSTEMS)
   parser.add_argument('--modes', default='train,eval')
   parser.add_argument('--warmup', type=int, default=2, help='untimed steps per mode')
+  parser.add_argument('--turn_warmup', type=int, default=1,
+                      help='untimed steps at the start of every timed turn')
   parser.add_argument('--steps', type=int, default=2, help='timed steps per round')
   parser.add_argument('--rounds', type=int, default=3)
   parser.add_argument('--isolate', action='store_true',

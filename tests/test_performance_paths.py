@@ -8,6 +8,8 @@ import dataclasses
 import functools
 import importlib.util
 import os
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
@@ -18,6 +20,7 @@ import pytest
 from efficientnet_jax import architectures
 from efficientnet_jax import cpu_tuning
 from efficientnet_jax import layers
+from efficientnet_jax import remat as remat_lib
 from efficientnet_jax.model import create_model, infer, resolve_infer_chunk
 from efficientnet_jax.model import stack_block_variables, unstack_block_variables
 
@@ -228,6 +231,60 @@ def test_remat_matches_default():
     _assert_close(got, want)
 
 
+def test_remat_with_drop_mask_matches_plain_block():
+  # Stochastic depth on: the recomputation must see the forward pass's mask.
+  block = architectures.Block(index=0, stage=0, in_ch=8, out_ch=8, kernel=3, stride=1,
+                              expand=4, se_ch=2, fused=False, drop_rate=0.5)
+  x = jax.random.normal(jax.random.key(0), (4, 8, 8, 8))
+  mask = remat_lib.drop_mask(jax.random.key(3), 0.5, 4, jnp.float32)
+  assert set(np.unique(np.asarray(mask))) == {0.0, 2.0}
+
+  class Wrapped(nn.Module):
+    use_remat: bool
+
+    @nn.compact
+    def __call__(self, x):
+      mb = layers.MBConv(block, name='block')
+      return remat_lib.remat_call(mb, x, mask) if self.use_remat else mb(x, True, drop_mask=mask)
+
+  variables = Wrapped(False).init(jax.random.key(1), x)
+
+  def outputs(use_remat):
+    def loss(params, x):
+      out, upd = Wrapped(use_remat).apply(
+          {'params': params, 'batch_stats': variables['batch_stats']}, x,
+          mutable=['batch_stats'])
+      return jnp.sum(jnp.sin(out)), upd
+    (value, upd), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(
+        variables['params'], x)
+    return value, upd, grads
+
+  for got, want in zip(outputs(True), outputs(False)):
+    _assert_close(got, want)
+
+
+def _train_step_temp_mb(model, x):
+  variables = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), x)
+
+  def loss(params, batch_stats, x):
+    out, upd = model.apply({'params': params, 'batch_stats': batch_stats}, x, train=True,
+                           mutable=['batch_stats'], rngs={'dropout': jax.random.key(1)})
+    return jnp.sum(out), upd
+  compiled = jax.jit(jax.grad(loss, has_aux=True)).lower(
+      variables['params'], variables['batch_stats'], x).compile()
+  return compiled.memory_analysis().temp_size_in_bytes / 2**20
+
+
+def test_remat_cuts_train_step_memory():
+  # XLA's buffer assignment, known at compile time: deterministic. Measured
+  # 63 -> 23 MB here; nn.remat per block gave no saving on XLA:CPU (remat.py).
+  spec = _tiny('b0')
+  x = jax.ShapeDtypeStruct((8, 64, 64, 3), jnp.float32)
+  plain = _train_step_temp_mb(create_model(spec, num_classes=10), x)
+  rematted = _train_step_temp_mb(create_model(spec, num_classes=10, remat=True), x)
+  assert rematted < 0.6 * plain, (rematted, plain)
+
+
 @pytest.mark.parametrize('remat', [False, True])
 def test_scan_blocks_matches_default(remat):
   spec = _tiny('b0', stages=4, drop_connect=0.0)  # stage repeats 1, 2, 2, 3
@@ -294,6 +351,38 @@ def test_tune_malloc_takes_effect_under_glibc():
   import platform  # pylint: disable=g-import-not-at-top
   expected = platform.libc_ver()[0] == 'glibc'
   assert cpu_tuning.tune_malloc() is expected
+
+
+_ALLOC_AND_FREE = r"""
+import ctypes, sys
+from efficientnet_jax import cpu_tuning
+if sys.argv[1] == 'tuned':
+  assert cpu_tuning.tune_malloc()
+libc = ctypes.CDLL('libc.so.6')
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+size = 256 << 20
+p = libc.malloc(size)
+ctypes.memset(p, 1, size)  # a step's buffer, touched
+libc.free(p)
+print(int(open('/proc/self/statm').read().split()[1]) * 4096 >> 20)  # resident MiB
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='glibc malloc only')
+def test_tuned_malloc_keeps_freed_blocks_resident():
+  # Untuned, glibc unmaps a freed 256 MiB block and the next step faults every
+  # page in again; tuned, it stays in the heap. (Threads on glibc's per-thread
+  # arenas still get such blocks from mmap: see cpu_tuning.py.)
+  repo = os.path.dirname(os.path.dirname(__file__))
+  resident = {}
+  for mode in ('default', 'tuned'):
+    env = {k: v for k, v in os.environ.items() if not k.startswith('MALLOC_')}
+    out = subprocess.run([sys.executable, '-c', _ALLOC_AND_FREE, mode], cwd=repo, env=env,
+                         capture_output=True, text=True, check=True).stdout
+    resident[mode] = int(out.split()[-1])
+  assert resident['default'] < 200, resident
+  assert resident['tuned'] >= 256, resident
 
 
 def _benchmark_module():
