@@ -25,6 +25,9 @@ def get_config(arg=None):
       bn_epsilon=-1.0,  # < 0: family default (1e-3; flax's own default would be 1e-5)
       padding='same',  # TF SAME; 'symmetric' for PyTorch-trained weights
       depthwise='auto',  # 'auto', 'grouped', 'shifted'
+      # Memory / compile time (efficientnet_jax/model.py); same parameters either way.
+      remat=False,  # recompute each block's activations in the backward pass
+      scan_blocks=False,  # one nn.scan per stage's repeats: faster compiles for deep models
   ))
   config.dtype = 'bfloat16'  # compute dtype; params, BN stats and the loss stay fp32
   config.num_classes = -1  # < 0: from the dataset
@@ -48,6 +51,10 @@ def get_config(arg=None):
   # (large params / optimizer / EMA leaves split over the data axis; for the
   # models that do not fit replicated). efficientnet_jax/sharding.py.
   config.sharding = 'replicate'
+  # Size of the `model` axis of a 2-D `data x model` mesh (the widest models):
+  # large kernels split their output channels over it, the batch splits over
+  # the remaining device_count // mesh_model `data` devices. 1 = the 1-D mesh.
+  config.mesh_model = 1
 
   # EfficientNetV2 progressive learning (efficientnet_jax/progressive.py): image
   # size and regularisation grow stage by stage; each stage has its own input

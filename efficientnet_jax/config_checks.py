@@ -121,3 +121,7 @@ def check_config(config) -> None:
   _positive(config, 'keep_checkpoints')
   if _has(config, 'sharding'):
     _one_of(config, 'sharding', SHARDINGS)
+  if _has(config, 'mesh_model'):  # dividing the device count: sharding.make_mesh
+    value = _get(config, 'mesh_model')
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      _fail('mesh_model', value, 'a positive integer dividing the device count')

@@ -33,12 +33,15 @@ def evaluate_checkpoint(config, workdir: str, step: int | None = None,
   from efficientnet_jax import train  # pylint: disable=g-import-not-at-top
   import functools  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
-  mesh = sharding.make_mesh()
+  # The config's mesh and state layout (sharding, mesh_model), as in training.
+  mesh = sharding.make_mesh(model=config.get('mesh_model', 1))
+  sharding.check_batch_size(config.eval_batch_size, mesh, field='eval_batch_size')
   exp, state, step = train.load_checkpoint(config, workdir, step, mesh)
   if image_size:
     exp = dataclasses.replace(exp, eval_image_size=image_size)
+  variables_sharding = jax.tree.map(lambda a: a.sharding, state['ema'])  # = raw's layout
   eval_fn = jax.jit(functools.partial(train.eval_step, model=exp.model),
-                    in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),
+                    in_shardings=(variables_sharding, sharding.batch_sharding(mesh)),
                     out_shardings=sharding.replicated(mesh))
   results = train.evaluate(eval_fn, {'ema': state['ema'], 'raw': {
       'params': state['params'], 'batch_stats': state['batch_stats']}}, exp, config, mesh)

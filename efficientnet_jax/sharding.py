@@ -1,16 +1,24 @@
-"""The device mesh and the two shardings the trainer uses, built in one place.
+"""The device mesh and the shardings the trainer uses, built in one place.
 
-Data parallelism is `jax.jit` over a 1-D `data` mesh: the batch is split along
+Data parallelism is `jax.jit` over a `data` mesh axis: the batch is split along
 `data`, params / optimizer state / EMA are replicated. Gradients and BatchNorm
 statistics are then reduced over the *global* batch by construction (sync BN,
 a deliberate choice: the TPU code syncs only within groups of up to 8 cores).
-The axis type is Auto because linen's Dropout fails under Explicit axes.
+The axis types are Auto because linen's Dropout fails under Explicit axes.
 
 `config.sharding` picks where the train state lives (`state_shardings`):
 'replicate' keeps a full copy on every device; 'fsdp' splits each large leaf
 along the `data` axis (ZeRO-3 style), so per-device parameter and optimizer
 memory falls by about the device count while XLA gathers weights where a
 layer needs them. The math is the same either way; only the layout changes.
+
+`config.mesh_model` > 1 (the widest models) makes the mesh 2-D, `data x model`
+with `model` the inner (fastest, same-host) axis: each large leaf's
+output-channel (last) dim is split over `model`, and under 'fsdp' another large
+dim over `data` as well (`mesh2d_spec`). The batch still splits over `data`
+only, so it is replicated across `model`. An orthogonal knob rather than a third
+`sharding` mode: 'replicate' and 'fsdp' keep their meaning (is the state split
+over `data`?) and mesh_model=1 is exactly the 1-D mesh as before.
 """
 
 from __future__ import annotations
@@ -27,10 +35,23 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 FSDP_MIN_SIZE = 2**12
 
 
-def make_mesh(devices=None) -> jax.sharding.Mesh:
+def make_mesh(devices=None, model: int = 1) -> jax.sharding.Mesh:
+  """A 1-D `data` mesh, or with `model` > 1 a (devices // model, model) `data x model` one."""
   devices = jax.devices() if devices is None else devices
-  return jax.make_mesh((len(devices),), ('data',), axis_types=(AxisType.Auto,),
-                       devices=devices)
+  n = len(devices)
+  if isinstance(model, bool) or not isinstance(model, int) or model < 1 or n % model:
+    divisors = [d for d in range(1, n + 1) if n % d == 0]
+    raise ValueError(f'mesh_model={model!r}; accepted: a divisor of the device count {n} '
+                     f'({", ".join(map(str, divisors))})')
+  if model == 1:  # the 1-D mesh: P('data') shardings and checkpoints exactly as before
+    return jax.make_mesh((n,), ('data',), axis_types=(AxisType.Auto,), devices=devices)
+  return jax.make_mesh((n // model, model), ('data', 'model'),
+                       axis_types=(AxisType.Auto, AxisType.Auto), devices=devices)
+
+
+def model_size(mesh) -> int:
+  """The size of the `model` axis; 1 on a 1-D mesh."""
+  return dict(mesh.shape).get('model', 1)
 
 
 def replicated(mesh) -> NamedSharding:
@@ -42,11 +63,16 @@ def batch_sharding(mesh) -> NamedSharding:
 
 
 def check_batch_size(global_batch: int, mesh, field: str = 'batch_size') -> None:
-  """The global batch must split evenly over devices and processes."""
-  devices = mesh.devices.size
-  if global_batch <= 0 or global_batch % devices:
-    raise ValueError(f'{field}={global_batch} is not divisible by the device count '
-                     f'{devices}; use a multiple of {devices}')
+  """The global batch must split evenly over the `data` axis and over processes."""
+  data = mesh.shape['data']
+  if global_batch <= 0 or global_batch % data:
+    if model_size(mesh) == 1:
+      what = f'the device count {data}'
+    else:
+      what = (f'the data-axis size {data} ({mesh.devices.size} devices / '
+              f'mesh_model={model_size(mesh)})')
+    raise ValueError(f'{field}={global_batch} is not divisible by {what}; use a multiple '
+                     f'of {data}')
   if global_batch % jax.process_count():
     raise ValueError(f'{field}={global_batch} is not divisible by the process count '
                      f'{jax.process_count()}')
@@ -70,15 +96,51 @@ def fsdp_spec(shape: tuple[int, ...], axis_size: int, min_size: int = FSDP_MIN_S
   return P(*(['data' if d == dim else None for d in range(len(shape))]))
 
 
+def mesh2d_spec(shape: tuple[int, ...], data_size: int, model_size_: int, *,
+                fsdp: bool, min_size: int = FSDP_MIN_SIZE) -> P:
+  """`model` on the output-channel (last) dim; under `fsdp` also `data` on another dim.
+
+  A conv kernel (kh, kw, in, out) or dense kernel (in, out) splits `out` over
+  `model` and `in` over `data`; the params, their optimizer slots and EMA share
+  shapes, so they share layouts. Where the last dim does not divide, the
+  largest dim that does takes `model`. A depthwise kernel (kh, kw, 1, C) has
+  no second large dim: under `fsdp` its channel dim splits over both axes when
+  it divides by model x data. Small or indivisible leaves stay replicated.
+  """
+  if model_size_ <= 1:
+    return fsdp_spec(shape, data_size, min_size) if fsdp else P()
+  if math.prod(shape) < min_size:
+    return P()
+  axes: list = [None] * len(shape)
+  divisible = [d for d, n in enumerate(shape) if n % model_size_ == 0]
+  if not divisible:
+    return fsdp_spec(shape, data_size, min_size) if fsdp else P()
+  last = len(shape) - 1
+  model_dim = last if last in divisible else max(divisible, key=lambda d: (shape[d], d))
+  axes[model_dim] = 'model'
+  if fsdp and data_size > 1:
+    others = [d for d, n in enumerate(shape) if d != model_dim and n % data_size == 0]
+    if others:
+      axes[max(others, key=lambda d: (shape[d], d))] = 'data'
+    elif shape[model_dim] % (data_size * model_size_) == 0:
+      # `model` major: each device's chunk lies inside its `model` half, so
+      # gathering over `data` alone gives the `model`-split layout (with
+      # ('data', 'model') XLA reorders chunks by collective-permutes).
+      axes[model_dim] = ('model', 'data')
+  return P(*axes)
+
+
 def state_shardings(abstract_state, mesh, mode: str = 'replicate'):
-  """A NamedSharding for every leaf of `abstract_state` (shapes only), by `mode`."""
-  if mode == 'replicate':
+  """A NamedSharding for every leaf of `abstract_state` (shapes only), by `mode` and mesh."""
+  if mode not in ('replicate', 'fsdp'):
+    raise ValueError(f"sharding={mode!r}; accepted: replicate, fsdp")
+  data, model = mesh.shape['data'], model_size(mesh)
+  if model == 1 and mode == 'replicate':
     return jax.tree.map(lambda _: replicated(mesh), abstract_state)
-  if mode == 'fsdp':
-    size = mesh.shape['data']
-    return jax.tree.map(lambda a: NamedSharding(mesh, fsdp_spec(tuple(a.shape), size)),
-                        abstract_state)
-  raise ValueError(f"sharding={mode!r}; accepted: replicate, fsdp")
+  return jax.tree.map(
+      lambda a: NamedSharding(mesh, mesh2d_spec(tuple(a.shape), data, model,
+                                                fsdp=mode == 'fsdp')),
+      abstract_state)
 
 
 def bytes_per_device(tree) -> int:
