@@ -64,11 +64,14 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   from efficientnet_jax import cpu_tuning  # pylint: disable=g-import-not-at-top
   cpu_tuning.tune_malloc()  # before the first large buffer; see cpu_tuning.py
+  from efficientnet_jax import train_loop  # pylint: disable=g-import-not-at-top
+  train_loop.best_effort_console()  # a closed stdout pipe must not stop training
   from efficientnet_jax import train  # pylint: disable=g-import-not-at-top
   try:
     _maybe_initialize_distributed()
     train.run(_CONFIG.value, _WORKDIR.value)
-  except (ValueError, FileNotFoundError, train.checkpointing.CheckpointError) as e:
+  except (ValueError, FileNotFoundError, FloatingPointError,
+          train.checkpointing.CheckpointError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
 

@@ -341,7 +341,9 @@ def restore(
       state, meta = _restore_step(manager, candidate, abstract_state)
     except CheckpointError as e:
       if not fallback_to_previous:
-        raise
+        raise CheckpointError(
+            f'{str(e).rstrip(".")}. {_how_to_proceed(manager, candidate)}'
+        ) from e
       logger.warning('%s; trying an older step.', e)
       corrupt.append(candidate)
       continue
@@ -384,7 +386,7 @@ def _orbax_restore(
     if _is_corruption(e):
       raise CheckpointError(
           f'Checkpoint step {step} at {_step_dir(manager, step)} is corrupt:'
-          f' {type(e).__name__}: {_first_line(e)}'
+          f' {_describe(_corruption_cause(e))}'
       ) from e
     e.add_note(f'while restoring step {step} from {_step_dir(manager, step)}')
     raise
@@ -406,6 +408,25 @@ def _is_corruption(e: BaseException) -> bool:
       return True
     e = e.__cause__ or e.__context__
   return False
+
+
+def _corruption_cause(e: BaseException) -> BaseException:
+  """The innermost error of the chain that says what is damaged (tensorstore's), else `e`.
+
+  Orbax's own wrapper only names the array slice it was reading.
+  """
+  found, seen = e, set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, (json.JSONDecodeError, OSError)) or (
+        isinstance(e, ValueError) and str(e).startswith(_CORRUPTION_CODES)):
+      found = e
+    e = e.__cause__ or e.__context__
+  return found
+
+
+def _describe(e: BaseException) -> str:
+  return f'{type(e).__name__}: {_first_line(e)}'
 
 
 def _check_step_dir(
@@ -437,6 +458,14 @@ def _check_step_dir(
         f'Checkpoint step {step} at {step_dir} is truncated or corrupt:'
         f' missing files {missing}, zero-length files {empty}'
     )
+
+
+def _how_to_proceed(manager: CheckpointManager, step: int) -> str:
+  """The advice appended to a corrupt-step error: which step a resume would use instead."""
+  src = _step_dir(manager, step)
+  older = [s for s in manager.all_steps() if s < step]
+  then = (f'to resume from step {max(older)}' if older else 'to start from scratch')
+  return f'Move it aside {then}: mv {src} {src}.corrupt'
 
 
 def _quarantine(manager: CheckpointManager, steps: list[int]) -> None:
@@ -517,4 +546,6 @@ def _step_dir(manager: CheckpointManager, step: int) -> pathlib.Path:
 def _first_line(e: BaseException) -> str:
   # Tensorstore errors append a multi-kilobyte JSON spec after the first line.
   text = str(e).split('\n', 1)[0].split(' [tensorstore_spec', 1)[0]
+  # Orbax appends the bound `spec` method's repr of the whole TensorStore.
+  text = text.split(' See full TensorStore details:', 1)[0]
   return text if len(text) <= 500 else text[:500] + '...'

@@ -130,7 +130,8 @@ def build_experiment(config, device_count: int | None = None) -> Experiment:
   info = input_pipeline.dataset_info(data)
   num_classes = config.num_classes if config.num_classes > 0 else info['num_classes']
   model = create_model(spec, num_classes=num_classes, dtype=DTYPES[config.dtype],
-                       padding=config.model.padding, depthwise_impl=config.model.depthwise)
+                       padding=config.model.padding, depthwise_impl=config.model.depthwise,
+                       remat=config.model.remat, scan_blocks=config.model.scan_blocks)
   image_size = config.image_size if config.image_size > 0 else spec.resolution
   eval_image_size = (config.eval_image_size if config.eval_image_size > 0
                      else spec.eval_resolution)
@@ -217,6 +218,11 @@ def evaluate(eval_fn, variables_by_name: dict, exp: Experiment, config, mesh) ->
   return out
 
 
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]))
+
+
 def _stage_meta(meta: dict, plan: progressive.StagePlan, step: int) -> dict:
   """Checkpoint meta: the architecture plus the stage a resume at `step` continues."""
   stage = plan.stage_at(step)
@@ -231,12 +237,12 @@ def run(config, workdir: str, devices=None) -> dict:
   """
   workdir = os.path.abspath(workdir)
   config_checks.check_config(config)  # before the device checks: 'eval_batch_size=0; ...'
-  mesh = sharding.make_mesh(devices)
+  mesh = sharding.make_mesh(devices, model=config.get('mesh_model', 1))
   sharding.check_batch_size(config.batch_size, mesh)
   sharding.check_batch_size(config.eval_batch_size, mesh, field='eval_batch_size')
-  exp = build_experiment(config, device_count=mesh.devices.size)
+  exp = build_experiment(config, device_count=mesh.shape['data'])  # the batch splits over `data`
   plan = exp.plan
-  for stage in plan.stages:  # adapted per-stage batches are multiples of the device count
+  for stage in plan.stages:  # adapted per-stage batches are multiples of the data-axis size
     sharding.check_batch_size(stage.batch_size, mesh, field=f'stage {stage.index} batch_size')
   replicated = sharding.replicated(mesh)
   batch_sharding = sharding.batch_sharding(mesh)
@@ -340,8 +346,8 @@ def run(config, workdir: str, devices=None) -> dict:
   sizes = '->'.join(str(s.image_size) for s in plan.stages)
   print(f'training {exp.spec.name} ({exp.num_classes} classes) at {sizes}px '
         f'({len(plan.stages)} stage{"s" * (len(plan.stages) > 1)}), batch {config.batch_size} '
-        f'on {mesh.devices.size} devices, steps {start_step}->{exp.total_steps} '
-        f'({exp.steps_per_epoch}/epoch)', flush=True)
+        f'on {mesh.devices.size} devices (mesh {dict(mesh.shape)}), '
+        f'steps {start_step}->{exp.total_steps} ({exp.steps_per_epoch}/epoch)', flush=True)
 
   def do_eval(step, state):
     nonlocal eval_fn
@@ -359,6 +365,23 @@ def run(config, workdir: str, devices=None) -> dict:
           f'raw top1 {record["raw_top1"]:.4f}, {record["count"]} examples', flush=True)
     return record
 
+  finite_at = start_step  # the last step whose params were checked finite
+
+  def save_checkpoint(step, state, **kwargs):
+    # The loss is checked at log steps only, one step late, so a save between
+    # two log steps checks the params themselves: a diverged state never
+    # replaces the last good checkpoint.
+    nonlocal finite_at
+    logger.flush()
+    if not bool(_all_finite(state['params'])):
+      checkpointing.wait(manager)  # the save in flight holds the last good state
+      raise FloatingPointError(
+          f'non-finite parameters between steps {max(finite_at, logger.last_logged_step)} '
+          f'and {step}; not saved, the checkpoint at step '
+          f'{checkpointing.latest_step(manager)} is kept')
+    finite_at = step
+    checkpointing.save(manager, step, state, meta=_stage_meta(meta, plan, step), **kwargs)
+
   last_eval, eval_fn = None, eval_jit
   step = start_step
   stage_end_time = time.perf_counter()  # a first stage's stall counts from here
@@ -370,43 +393,47 @@ def run(config, workdir: str, devices=None) -> dict:
           eval_jit, {'params': abstract['params'], 'batch_stats': abstract['batch_stats']},
           train_loop.abstract_eval_batch(config.eval_batch_size, exp.eval_image_size,
                                          batch_sharding))
-    while step < plan.total_steps:
-      prepared = next_stage.result()
-      stage = prepared.stage
-      if stage.index + 1 < len(plan.stages):  # compile the next stage while this one trains
-        following = plan.stages[stage.index + 1]
-        next_stage = preparer.submit(following, following.start_step)
-      batch, batches = prepared.first_batch, prepared.batches
-      while step < stage.end_step:
-        if preemption.requested:
-          checkpointing.save(manager, step, state, meta=_stage_meta(meta, plan, step),
-                             force=True)
-          checkpointing.wait(manager)
-          print(f'SIGTERM: saved step {step} and stopped', flush=True)
-          writer.close()
-          return {'preempted_at': step}
-        if batch is None:
-          batch = sharding.to_global(next(batches), batch_sharding)
-        state, metrics = prepared.step_fn(state, batch, train_key)
-        batch = None
-        if step == prepared.begin_step:
-          # Wall time from the previous stage's last step to this stage's first
-          # dispatch: pipeline hand-over plus any compile left to do.
-          writer.write(train_loop.stage_start_record(
-              prepared, plan=plan, stall_s=time.perf_counter() - stage_end_time,
-              aot_compile=preparer.aot_compile))
-        step += 1
-        logger.after_step(step, metrics, stage.batch_size)
-        if step % eval_every == 0 or step == plan.total_steps:
-          logger.flush()
-          last_eval = do_eval(step, state)
-          checkpointing.save(manager, step, state, meta=_stage_meta(meta, plan, step),
-                             metrics={'eval/top1': last_eval['top1']}, force=True)
-        elif step % config.checkpoint_every_steps == 0:
-          checkpointing.save(manager, step, state, meta=_stage_meta(meta, plan, step))
-      batches.close()  # frees this stage's tf.data buffers
-      jax.block_until_ready(state['step'])
-      stage_end_time = time.perf_counter()
+    try:
+      while step < plan.total_steps:
+        prepared = next_stage.result()
+        stage = prepared.stage
+        if stage.index + 1 < len(plan.stages):  # compile the next stage while this one trains
+          following = plan.stages[stage.index + 1]
+          next_stage = preparer.submit(following, following.start_step)
+        batch, batches = prepared.first_batch, prepared.batches
+        while step < stage.end_step:
+          if preemption.requested:
+            save_checkpoint(step, state, force=True)
+            checkpointing.wait(manager)
+            print(f'SIGTERM: saved step {step} and stopped', flush=True)
+            writer.close()
+            return {'preempted_at': step}
+          if batch is None:
+            batch = sharding.to_global(next(batches), batch_sharding)
+          state, metrics = prepared.step_fn(state, batch, train_key)
+          batch = None
+          if step == prepared.begin_step:
+            # Wall time from the previous stage's last step to this stage's first
+            # dispatch: pipeline hand-over plus any compile left to do.
+            writer.write(train_loop.stage_start_record(
+                prepared, plan=plan, stall_s=time.perf_counter() - stage_end_time,
+                aot_compile=preparer.aot_compile))
+          step += 1
+          logger.after_step(step, metrics, stage.batch_size)
+          if step % eval_every == 0 or step == plan.total_steps:
+            logger.flush()
+            last_eval = do_eval(step, state)
+            save_checkpoint(step, state, metrics={'eval/top1': last_eval['top1']}, force=True)
+          elif step % config.checkpoint_every_steps == 0:
+            save_checkpoint(step, state)
+        batches.close()  # frees this stage's tf.data buffers
+        jax.block_until_ready(state['step'])
+        stage_end_time = time.perf_counter()
+    except FloatingPointError:
+      # A diverged run stops here; an async save still in flight holds a
+      # state checked finite, so it is finished, not abandoned.
+      checkpointing.wait(manager)
+      raise
     logger.flush()
     checkpointing.wait(manager)
     if last_eval is None:
@@ -416,19 +443,23 @@ def run(config, workdir: str, devices=None) -> dict:
 
 
 def load_checkpoint(config, workdir: str, step: int | None = None, mesh=None):
-  """(experiment, state, step) of a workdir's newest (or given) checkpoint, placed on `mesh`."""
-  mesh = mesh or sharding.make_mesh()
+  """(experiment, state, step) of a workdir's newest (or given) checkpoint, placed on `mesh`.
+
+  Laid out by the config's `sharding` / `mesh_model` rules on `mesh` (default:
+  all devices), so a model that only fits sharded also loads sharded.
+  """
+  mesh = mesh or sharding.make_mesh(model=config.get('mesh_model', 1))
   exp = build_experiment(config)
   manager = checkpointing.make_checkpoint_manager(os.path.abspath(workdir), async_save=False)
   step = checkpointing.latest_step(manager) if step is None else step
   if step is None:
     raise FileNotFoundError(f'no checkpoint in {os.path.abspath(workdir)}/checkpoints')
   check_workdir_matches(manager, exp, workdir)
-  replicated = sharding.replicated(mesh)
   init_fn = functools.partial(create_train_state, model=exp.model, tx=exp.tx,
                               image_size=exp.image_size)
+  abstract = jax.eval_shape(init_fn, jax.random.key(0))
   abstract = jax.tree.map(
-      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
-      jax.eval_shape(init_fn, jax.random.key(0)))
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
+      sharding.state_shardings(abstract, mesh, config.get('sharding', 'replicate')))
   state, _ = checkpointing.restore(manager, abstract, step)
   return exp, state, step

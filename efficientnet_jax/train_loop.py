@@ -8,6 +8,8 @@
 * `TrainLogger` brings metrics to the host one step late, so logging never
   blocks dispatch, and raises on a non-finite loss.
 * `Preemption` turns SIGTERM into a flag the loop checks between steps.
+* `best_effort_console` keeps a closed stdout (`train.py ... | head`) from
+  stopping training.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import dataclasses
 import math
 import os
 import signal
+import sys
 import time
 from typing import Any, Callable, Iterator
 
@@ -172,6 +175,10 @@ class TrainLogger:
     self._pending = None  # (step, metrics, time, batch_size)
     self._last_step, self._last_time = start_step, time.time()
 
+  @property
+  def last_logged_step(self) -> int:
+    return self._last_step
+
   def after_step(self, step: int, metrics: dict, batch_size: int) -> None:
     """Writes the previous log step's metrics, then holds this step's if it is one."""
     self.flush()
@@ -202,6 +209,57 @@ class TrainLogger:
           f'top1 {record["top1"]:.3f} lr {record["lr"]:.5f} '
           f'{record["images_per_sec"]:.1f} img/s ETA {_format_eta(eta)}', flush=True)
     self._last_step, self._last_time = step, now
+
+
+class _BestEffortStream:
+  """A console stream whose write failures (closed pipe, EIO) drop the text instead of raising."""
+
+  def __init__(self, stream):
+    self._stream = stream
+    self.broken = False
+
+  def write(self, text):
+    if not self.broken:
+      try:
+        return self._stream.write(text)
+      except OSError:  # BrokenPipeError, EIO of a vanished terminal
+        self._break()
+    return len(text)
+
+  def flush(self):
+    if not self.broken:
+      try:
+        self._stream.flush()
+      except OSError:
+        self._break()
+
+  def _break(self):
+    self.broken = True
+    # The wrapped stream still holds the unwritten text, and Python flushes it
+    # again at exit (exit status 120 if that fails): point its fd at /dev/null.
+    try:
+      devnull = os.open(os.devnull, os.O_WRONLY)
+      os.dup2(devnull, self._stream.fileno())
+      os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+      pass
+
+  def __getattr__(self, name):
+    return getattr(self._stream, name)
+
+
+def best_effort_console() -> None:
+  """Makes sys.stdout / sys.stderr best-effort, for processes that train (train.py's main).
+
+  Progress lines are a courtesy: when the reader of a pipe goes away, `print`
+  would raise BrokenPipeError out of the loop (leaving a half-written async
+  save behind, and a SIGTERM unanswered). Checkpoints and metrics.jsonl are
+  the record; the console is not.
+  """
+  for name in ('stdout', 'stderr'):
+    stream = getattr(sys, name)
+    if stream is not None and not isinstance(stream, _BestEffortStream):
+      setattr(sys, name, _BestEffortStream(stream))
 
 
 class Preemption:

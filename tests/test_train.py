@@ -124,6 +124,28 @@ def test_interrupted_run_ends_with_the_same_params(tmp_path):
     np.testing.assert_array_equal(x, y)
 
 
+def test_diverged_state_is_never_checkpointed(tmp_path, monkeypatch):
+  # The loss is only looked at on log steps; a save between two of them must
+  # still refuse a NaN state and keep the last good checkpoint.
+  real_step = train.train_step
+
+  def nan_from_step_2(state, batch, key, **kwargs):
+    scale = jnp.where(state['step'] >= 2, jnp.nan, 1.0)
+    return real_step(state, {**batch, 'image': batch['image'] * scale}, key, **kwargs)
+
+  monkeypatch.setattr(train, 'train_step', nan_from_step_2)
+  config = _smoke_config(train_steps=5, log_every_steps=100, checkpoint_every_steps=1,
+                         eval_every_steps=100)
+  with pytest.raises(FloatingPointError,
+                     match=r'^non-finite parameters between steps 2 and 3; not saved, '
+                           r'the checkpoint at step 2 is kept$'):
+    train.run(config, str(tmp_path))
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['1', '2']
+  step, state = _params(_smoke_config(), str(tmp_path))
+  assert step == 2
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(state['params']))
+
+
 def test_eval_counts_every_example_once(tmp_path):
   # 13 test examples, eval batch 8 over 8 devices: one full and one padded batch.
   result = train.run(_smoke_config(train_steps=1), str(tmp_path))
