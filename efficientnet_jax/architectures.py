@@ -1,7 +1,9 @@
 """EfficientNet V1, Lite and V2 architectures as typed data, and the block builder.
 
 Block tables are the official ones (tensorflow/tpu `efficientnet_builder.py`,
-google/automl `efficientnetv2/effnetv2_configs.py`); `build_blocks` applies
+google/automl `efficientnetv2/effnetv2_configs.py`), plus MobileNetV2 as the
+non-EfficientNet baseline of the paper's Table 3 (its inverted residuals are
+MBConv blocks without squeeze-excite); `build_blocks` applies
 width/depth scaling and the per-block stochastic-depth rate, so the linen
 modules in `layers.py` / `model.py` only ever see final, concrete shapes.
 """
@@ -53,7 +55,7 @@ class Block:
 class ModelSpec:
   """A complete network description (hashable, so it can be a linen attribute)."""
   name: str
-  family: str  # 'v1', 'lite' or 'v2'
+  family: str  # 'v1', 'lite', 'v2' or 'mobilenet_v2'
   stages: tuple[Stage, ...]
   width: float
   depth: float
@@ -68,6 +70,7 @@ class ModelSpec:
   fix_stem_head: bool = False  # Lite: stem 32 / head 1280 unscaled,
   fix_first_last_repeats: bool = False  # and first/last stage repeats unscaled
   head_ch: int = 1280
+  head_min_width: bool = False  # MobileNetV2: widths < 1 keep the head at head_ch
   normalization: str = 'v1'  # input normalisation, see data/preprocessing.py
 
   def filters(self, channels: int) -> int:
@@ -81,7 +84,9 @@ class ModelSpec:
 
   @property
   def head_features(self) -> int:
-    return self.head_ch if self.fix_stem_head else self.filters(self.head_ch)
+    if self.fix_stem_head or (self.head_min_width and self.width <= 1.0):
+      return self.head_ch
+    return self.filters(self.head_ch)
 
   def stage_repeats(self) -> tuple[int, ...]:
     last = len(self.stages) - 1
@@ -168,6 +173,20 @@ V2_STAGES = {
         (5, 3, 1, 6, 96, 112, False), (8, 3, 2, 6, 112, 192, False))),
 }
 
+# MobileNetV2 (arXiv:1801.04381 Table 2; keras.applications.MobileNetV2): t, c, n, s
+# = expand, out, repeats, stride; kernel 3, no SE, relu6, stem 32, head 1280.
+MOBILENET_V2_STAGES = _stages((
+    (1, 3, 1, 1, 32, 16, False), (2, 3, 2, 6, 16, 24, False),
+    (3, 3, 2, 6, 24, 32, False), (4, 3, 2, 6, 32, 64, False),
+    (3, 3, 1, 6, 64, 96, False), (3, 3, 2, 6, 96, 160, False),
+    (1, 3, 1, 6, 160, 320, False)), se_ratio=0.0)
+
+# (width, resolution): the released 1.0 and 1.4 models (timm's mobilenetv2_100 / _140).
+MOBILENET_V2_TABLE = {
+    'mobilenet_v2': (1.0, 224),
+    'mobilenet_v2_140': (1.4, 224),
+}
+
 # (width, depth, train size, eval size, dropout), google/automl efficientnetv2_params.
 V2_TABLE = {
     'v2_s': ('s', 1.0, 1.0, 300, 384, 0.2),
@@ -229,16 +248,36 @@ def _v2_spec(name: str) -> ModelSpec:
                    normalization='v1' if base else 'v2')
 
 
+def mobilenet_v2_spec(width: float = 1.0, depth: float = 1.0, resolution: int = 224, *,
+                      name: str = 'mobilenet_v2') -> ModelSpec:
+  """MobileNetV2 at a width / depth multiplier (the scaling baseline).
+
+  Widths round like V1 (multiples of 8 with the 10% rule, = Keras'
+  `_make_divisible`), repeats scale by ceil(depth * n) like every other family
+  here, and, as in the MobileNetV2 paper and Keras, the 1280 head is scaled
+  only by widths > 1. Regularisation follows TF-slim's MobileNetV2 (dropout
+  0.2, no stochastic depth); BN momentum is this codebase's recipe value 0.99
+  (Keras 0.999, slim 0.997; inference and the weights do not depend on it).
+  Inputs: Keras' [-1, 1] (x/127.5 - 1) is closest to our 'v2' (x - 128)/128.
+  """
+  return ModelSpec(name=name, family='mobilenet_v2', stages=MOBILENET_V2_STAGES,
+                   width=width, depth=depth, resolution=resolution,
+                   eval_resolution=resolution, dropout=0.2, drop_connect=0.0,
+                   activation='relu6', head_min_width=True, normalization='v2')
+
+
 def _v1_named(name: str) -> ModelSpec:
   w, d, r, dropout = scaling.OFFICIAL_V1_TABLE[name]
   return v1_spec(w, d, r, dropout, name=name)
 
 
-MODEL_NAMES = (tuple(scaling.OFFICIAL_V1_TABLE) + tuple(LITE_TABLE) + tuple(V2_TABLE))
+MODEL_NAMES = (tuple(scaling.OFFICIAL_V1_TABLE) + tuple(LITE_TABLE) + tuple(V2_TABLE)
+               + tuple(MOBILENET_V2_TABLE))
 
 
 def get_spec(name: str) -> ModelSpec:
-  """The named official variant: b0..b8, l2, lite0..lite4, v2_s/m/l/xl, v2_b0..b3."""
+  """The named official variant: b0..b8, l2, lite0..lite4, v2_s/m/l/xl, v2_b0..b3,
+  mobilenet_v2 (_140)."""
   key = name.lower().replace('-', '_')
   if key.startswith('efficientnet_'):
     key = key[len('efficientnet_'):]
@@ -248,6 +287,9 @@ def get_spec(name: str) -> ModelSpec:
     return _lite_spec(key)
   if key in V2_TABLE:
     return _v2_spec(key)
+  if key in MOBILENET_V2_TABLE:
+    width, resolution = MOBILENET_V2_TABLE[key]
+    return mobilenet_v2_spec(width, 1.0, resolution, name=key)
   raise ValueError(f'unknown model {name!r}; valid names: {", ".join(MODEL_NAMES)}')
 
 

@@ -28,7 +28,8 @@ from efficientnet_jax.architectures import ModelSpec
 from efficientnet_jax.model import create_model
 
 # Official parameter counts: B0-B7 from the released checkpoints / Keras, the rest
-# computed from the official block tables (= timm's published counts).
+# computed from the official block tables (= timm's published counts); MobileNetV2
+# = keras.applications.MobileNetV2's trainable weights (BN statistics excluded).
 OFFICIAL_PARAMS = {
     'b0': 5_288_548, 'b1': 7_794_184, 'b2': 9_109_994, 'b3': 12_233_232,
     'b4': 19_341_616, 'b5': 30_389_784, 'b6': 43_040_704, 'b7': 66_347_960,
@@ -37,15 +38,18 @@ OFFICIAL_PARAMS = {
     'lite4': 13_006_568,
     'v2_s': 21_458_488, 'v2_m': 54_139_356, 'v2_l': 118_515_272, 'v2_xl': 208_119_808,
     'v2_b0': 7_139_704, 'v2_b1': 8_141_052, 'v2_b2': 10_096_086, 'v2_b3': 14_358_406,
+    'mobilenet_v2': 3_504_872, 'mobilenet_v2_140': 6_108_776,
 }
 # Published multiply-adds: EfficientNet paper Table 2 (arXiv:1905.11946v5), the
-# tensorflow/tpu Lite README, and the google/automl V2 README (at eval size).
+# tensorflow/tpu Lite README, the google/automl V2 README (at eval size), and the
+# MobileNetV2 paper (arXiv:1801.04381 Table 6 / its model list).
 PUBLISHED_MACS = {
     'b0': 0.39e9, 'b1': 0.70e9, 'b2': 1.0e9, 'b3': 1.8e9, 'b4': 4.2e9, 'b5': 9.9e9,
     'b6': 19e9, 'b7': 37e9,
     'lite0': 407e6, 'lite1': 631e6, 'lite2': 899e6, 'lite3': 1.44e9, 'lite4': 2.64e9,
     'v2_s': 8.4e9, 'v2_m': 24.7e9, 'v2_l': 56.3e9,
     'v2_b0': 0.72e9, 'v2_b1': 1.2e9, 'v2_b2': 1.7e9, 'v2_b3': 3.0e9,
+    'mobilenet_v2': 300e6, 'mobilenet_v2_140': 585e6,
 }
 
 

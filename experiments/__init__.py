@@ -1,0 +1,1 @@
+"""Reproducible studies of the EfficientNet paper (issue 8); see experiments/README.md."""
