@@ -194,8 +194,8 @@ class TrainLogger:
     loss = float(metrics['loss'])
     if not math.isfinite(loss):
       raise FloatingPointError(f'non-finite training loss {loss} between steps '
-                               f'{self._last_step} and {step}; the last checkpoint before '
-                               f'step {self._last_step} is kept')
+                               f'{self._last_step} and {step}; the checkpoints saved so far '
+                               f'were checked finite and are kept')
     seconds = max(now - self._last_time, 1e-9)
     steps = step - self._last_step
     record = {'step': step, 'split': 'train', 'epoch': self._plan.epoch_at(step),
