@@ -385,8 +385,13 @@ def parse_shard(text: str) -> tuple[int, int]:
   return index, count
 
 
-def main_for(study: Study, args: argparse.Namespace) -> int:
-  """Runs `study` as the shared flags say; returns the exit status."""
+def main_for(make_study: Callable[[], Study], args: argparse.Namespace) -> int:
+  """Builds the study and runs it as the shared flags say; returns the exit status."""
+  try:
+    study = make_study()
+  except ValueError as e:  # an unknown preset, study or base model
+    print(f'error: {e}', file=sys.stderr)
+    return 2
   if args.list:
     for i, point in enumerate(study.points):
       print(f'{i:3d} {point.name:40s} {dict(point.info)}')

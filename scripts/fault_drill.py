@@ -150,14 +150,8 @@ def train_argv(workdir: str, fields: dict) -> list[str]:
 
 def config_from(fields: dict):
   from configs import base  # pylint: disable=g-import-not-at-top
-  config = base.get_config('smoke')
-  for key, value in fields.items():
-    node = config
-    *path, leaf = key.split('.')
-    for part in path:
-      node = node[part]
-    node[leaf] = value
-  return config
+  from experiments import harness  # pylint: disable=g-import-not-at-top
+  return harness.set_fields(base.get_config('smoke'), fields)
 
 
 # ---------------------------------------------------------------------------

@@ -40,12 +40,7 @@ def main(argv=None) -> int:
   parser.add_argument('--base_model', default='mobilenet_v2', help=', '.join(BASE_MODELS))
   harness.add_flags(parser)
   args = parser.parse_args(argv)
-  try:
-    study = make_study(args.preset, args.base_model)
-  except ValueError as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
-  return harness.main_for(study, args)
+  return harness.main_for(lambda: make_study(args.preset, args.base_model), args)
 
 
 if __name__ == '__main__':

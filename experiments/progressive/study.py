@@ -105,12 +105,7 @@ def main(argv=None) -> int:
   parser.add_argument('--preset', default='small', help=', '.join(PRESET_NAMES))
   harness.add_flags(parser)
   args = parser.parse_args(argv)
-  try:
-    study = make_study(args.preset)
-  except ValueError as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
-  return harness.main_for(study, args)
+  return harness.main_for(lambda: make_study(args.preset), args)
 
 
 if __name__ == '__main__':

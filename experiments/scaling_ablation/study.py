@@ -22,12 +22,8 @@ def main(argv=None) -> int:
   parser.add_argument('--preset', default='small', help=', '.join(presets.PRESET_NAMES))
   harness.add_flags(parser)
   args = parser.parse_args(argv)
-  try:
-    study = studies.make_study(args.study, presets.get_preset(args.preset))
-  except ValueError as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
-  return harness.main_for(study, args)
+  return harness.main_for(
+      lambda: studies.make_study(args.study, presets.get_preset(args.preset)), args)
 
 
 if __name__ == '__main__':
