@@ -28,6 +28,7 @@ import dataclasses
 import functools
 import json
 import os
+import platform
 import sys
 import time
 from typing import Any, Callable, Mapping, Sequence
@@ -336,6 +337,26 @@ def markdown_table(rows: list[dict], cols: Sequence[str]) -> str:
   return '\n'.join(lines)
 
 
+def host_description() -> str:
+  """'<CPU model>, <n> CPUs' of this machine (Linux /proc/cpuinfo, else platform)."""
+  model = ''
+  try:
+    with open('/proc/cpuinfo', encoding='utf-8') as f:
+      model = next((line.split(':', 1)[1].strip() for line in f
+                    if line.startswith('model name')), '')
+  except OSError:
+    pass
+  return f'{model or platform.processor() or platform.machine()}, {os.cpu_count()} CPUs'
+
+
+def provenance(rows: list[dict]) -> str:
+  """Where and when the table was made, and the training time it sums."""
+  total = sum(float(r.get('train_wall_s') or 0.0) for r in rows)
+  return (f'Generated {time.strftime("%Y-%m-%d %H:%M %Z")} on {host_description()}. '
+          f'Training wall time of the {len(rows)} finished points: {total / 60:.1f} min '
+          f'(the `train s` column: `train.run` wall time, compiling and the final eval included).')
+
+
 def collect(study: Study, root: str) -> list[dict]:
   """Rebuilds results.csv, results.md and the plots from the finished workdirs."""
   study_dir = os.path.join(root, study.name)
@@ -350,6 +371,8 @@ def collect(study: Study, root: str) -> list[dict]:
           # The spec name (with every override) is in results.csv; too wide here.
           markdown_table(rows, [c for c in cols if c != 'model']), '']
   text += [f'![{os.path.basename(p)}]({os.path.basename(p)})' for p in plots]
+  if rows:
+    text += ['', provenance(rows)]
   tmp = os.path.join(study_dir, 'results.md.tmp')
   with open(tmp, 'w', encoding='utf-8') as f:
     f.write('\n'.join(text) + '\n')

@@ -56,6 +56,8 @@ def _check_outputs(study_dir, names, pngs, of=None):
   assert f'{len(names)} of {of} points finished' in table
   for name in names:
     assert f'| {name} |' in table
+  total_min = sum(float(r['train_wall_s']) for r in rows) / 60
+  assert f'CPUs. Training wall time of the {len(names)} finished points: {total_min:.1f} min' in table
   for png in pngs:
     with open(os.path.join(study_dir, png), 'rb') as f:
       assert f.read(8) == PNG_MAGIC, png
