@@ -325,12 +325,19 @@ def _bn_act_train_bwd(epsilon, act, dtype, residuals, cotangents):
   n = x.size // x.shape[-1]
   x32 = x.astype(mean.dtype)
   rstd = jax.lax.rsqrt(var + epsilon)
-  # Recompute the pre-activation rather than store it (one extra FMA + exp per element).
-  z = _bn_forward(x, scale, bias, mean, var, epsilon, dtype)
+  # Recompute the pre-activation rather than store it (one extra FMA + exp per
+  # element), from x plus a zero that depends on g: the recomputation then
+  # differs from the forward's, so XLA cannot merge the two (merged, the
+  # forward writes its sigmoid out and keeps it alive until here; see remat.py).
+  x_late = x + (g.reshape(-1)[0] * 0).astype(x.dtype)
+  z = _bn_forward(x_late, scale, bias, mean, var, epsilon, dtype)
   dz = g.astype(mean.dtype) * _activation_grad(z, act).astype(mean.dtype)
   centered = x32 - mean
   d_bias = jnp.sum(dz, axes)
-  d_scale = jnp.sum(dz * centered, axes) * rstd
+  # sum(dz * centered) taken as sum(dz * x) - mean * sum(dz): XLA:CPU's library
+  # reductions take a product into the reduce but not a broadcast subtract, so
+  # the direct form writes `centered` out as one more activation-sized tensor.
+  d_scale = (jnp.sum(dz * x32, axes) - mean * d_bias) * rstd
   # The usual BN backward, plus the (normally zero) cotangents of the batch statistics.
   dx = (scale * rstd) * (dz - d_bias / n - centered * (rstd * d_scale / n))
   dx = dx + g_mean / n + centered * (2.0 * g_var / n)

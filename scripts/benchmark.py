@@ -696,12 +696,13 @@ def run_latency(args) -> dict:
   for i in range(args.latency_max_b + 1):
     name = f'b{i}'
     size = architectures.get_spec(name).resolution
-    _log(args, f'{name} @ {size}: latency (batch 1, 1 core), throughput (batch '
-               f'{args.throughput_batch}, all cores)')
+    _log(args, f'{name} @ {size}: latency (batch 1, 1 core)' + (
+        f', throughput (batch {args.throughput_batch}, all cores)' if args.throughput_batch else ''))
     models[name] = {'image_size': size,
                     'latency': one('ours:threads=1', name, size, 1, args.latency_steps),
                     'throughput': one('ours', name, size, args.throughput_batch,
-                                      max(1, args.latency_steps // 4))}
+                                      max(1, args.latency_steps // 4))
+                                  if args.throughput_batch else {}}
   return {'date': time.strftime('%Y-%m-%d %H:%M'), 'host': host_info(), 'malloc': args.malloc,
           'table4': table4, 'models': models}
 
@@ -721,9 +722,11 @@ def print_latency(result: dict) -> None:
   for name, row in result['models'].items():
     lat, thr = row['latency'], row['throughput']
     fmt = lambda d, k, f: f.format(d[k]) if d.get(k) is not None else '-'
+    # Compile time and memory of the latency program when throughput was skipped.
+    big = thr or lat
     print(f'  {name:6s} {row["image_size"]:>5d} {fmt(lat, "seconds", "{:.3f}"):>10s} '
-          f'{fmt(thr, "img_s", "{:.2f}"):>8s} {fmt(thr, "compile_s", "{:.1f}"):>10s} '
-          f'{fmt(thr, "peak_rss_mb", "{}"):>12s}')
+          f'{fmt(thr, "img_s", "{:.2f}"):>8s} {fmt(big, "compile_s", "{:.1f}"):>10s} '
+          f'{fmt(big, "peak_rss_mb", "{}"):>12s}')
 
 
 # ----------------------------------------------------------------------------- main
@@ -759,7 +762,9 @@ def main() -> None:
                       help='paper Table 4 and the B0-B7 latency/throughput table')
   parser.add_argument('--latency_steps', type=int, default=8)
   parser.add_argument('--latency_max_b', type=int, default=7)
-  parser.add_argument('--throughput_batch', type=int, default=8)
+  parser.add_argument('--throughput_batch', type=int, default=8,
+                      help='batch of the all-cores throughput column of --latency; 0 skips it '
+                           '(one core suffices, e.g. while the others are busy)')
   parser.add_argument('--json', action='store_true', help='print one JSON object only')
   parser.add_argument('--quiet', action='store_true', help='no progress on stderr')
   parser.add_argument('--verbose', action='store_true', help='show the workers\' stderr')
