@@ -10,8 +10,11 @@ PERCENT = ('top1', 'raw_top1', 'top5')  # stored as fractions, plotted in %
 
 def plot_groups(rows: list[dict], *, x: str, y: str, group: str, path: str, title: str,
                 xlabel: str = '', ylabel: str = '', logx: bool = False,
-                label: str = '') -> str:
-  """One line per value of `group` (sorted by x); `label` annotates each point."""
+                label: str = '', lines: bool = True) -> str:
+  """One line per value of `group` (sorted by x); `label` annotates each point.
+
+  lines=False draws markers only, for groups that are not a series (grid points).
+  """
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -24,7 +27,7 @@ def plot_groups(rows: list[dict], *, x: str, y: str, group: str, path: str, titl
     members = sorted(members, key=lambda r: r[x])
     xs = [r[x] for r in members]
     ys = [100 * r[y] if y in PERCENT else r[y] for r in members]
-    ax.plot(xs, ys, marker='o', label=str(key))
+    ax.plot(xs, ys, marker='o', linestyle='-' if lines else 'none', label=str(key))
     if label:
       for r, xv, yv in zip(members, xs, ys):
         ax.annotate(str(r.get(label, '')), (xv, yv), fontsize=7,

@@ -81,15 +81,18 @@ def grid_study(preset: Preset) -> harness.Study:
   def plot(rows, study_dir):
     for row in rows:
       row['label'] = f'{row["alpha"]:g},{row["beta"]:g},{row["gamma"]:g}'
+      row['kind'] = ("the paper's (1.2, 1.1, 1.15)" if row['paper'] in (True, 'True')
+                     else 'other grid points')
+      row['beta_gamma'] = f'{row["beta"]:g},{row["gamma"]:g}'
     return [plots.plot_groups(
-        rows, x='macs', y=preset.plot_metric, group='paper', label='label',
+        rows, x='macs', y=preset.plot_metric, group='kind', label='label', lines=False,
         path=os.path.join(study_dir, 'grid_top1_vs_macs.png'),
-        title=f'phi=1 grid over (alpha, beta, gamma), {preset.name}',
+        title=f'phi=1 grid over (alpha, beta, gamma), {preset.name}; labels: alpha,beta,gamma',
         xlabel='multiply-adds'),
             plots.plot_groups(
-                rows, x='alpha', y=preset.plot_metric, group='beta', label='gamma',
-                path=os.path.join(study_dir, 'grid_top1_vs_alpha.png'),
-                title='top-1 by alpha (lines: beta; labels: gamma)', xlabel='alpha')]
+                rows, x='alpha', y=preset.plot_metric, group='kind', label='beta_gamma',
+                lines=False, path=os.path.join(study_dir, 'grid_top1_vs_alpha.png'),
+                title='top-1 by alpha (labels: beta,gamma)', xlabel='alpha')]
 
   return harness.Study(
       name='grid', base_config=preset.config_fn, points=points,
