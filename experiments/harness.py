@@ -29,6 +29,7 @@ import functools
 import json
 import os
 import platform
+import shutil
 import sys
 import time
 from typing import Any, Callable, Mapping, Sequence
@@ -357,6 +358,18 @@ def provenance(rows: list[dict]) -> str:
           f'(the `train s` column: `train.run` wall time, compiling and the final eval included).')
 
 
+def publish(study_dir: str, dest: str) -> list[str]:
+  """Copies a study's generated outputs (results.md, results.csv, *.png) into `dest`."""
+  names = sorted(n for n in os.listdir(study_dir)
+                 if n in ('results.md', 'results.csv') or n.endswith('.png'))
+  if 'results.md' not in names:
+    raise ValueError(f'--publish: {study_dir} has no results.md yet (no finished point)')
+  os.makedirs(dest, exist_ok=True)
+  for name in names:
+    shutil.copyfile(os.path.join(study_dir, name), os.path.join(dest, name))
+  return names
+
+
 def collect(study: Study, root: str) -> list[dict]:
   """Rebuilds results.csv, results.md and the plots from the finished workdirs."""
   study_dir = os.path.join(root, study.name)
@@ -398,6 +411,9 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
                       help='config override for every point (e.g. data.data_dir=/x)')
   parser.add_argument('--num_devices', type=int, default=0,
                       help='train on the first N devices (0 = all); 1 for quick CPU checks')
+  parser.add_argument('--publish', default='', metavar='DIR',
+                      help='afterwards copy results.md/.csv and the plots to DIR '
+                           '(e.g. the experiment\'s results/ folder in the repo)')
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -425,6 +441,9 @@ def main_for(make_study: Callable[[], Study], args: argparse.Namespace) -> int:
     extra = parse_set_flag(args.set)
     run_study(study, args.root, shard=shard, names=names, collect_only=args.collect_only,
               extra=extra, num_devices=args.num_devices)
+    if args.publish:
+      copied = publish(os.path.join(args.root, study.name), args.publish)
+      print(f'[{study.name}] copied {", ".join(copied)} to {args.publish}', flush=True)
   except ValueError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2

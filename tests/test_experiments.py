@@ -178,9 +178,17 @@ def test_grid_smoke_runs_skips_and_resumes(tmp_path, data_flags, monkeypatch, ca
   # Everything finished: a second invocation trains nothing and rebuilds the outputs.
   _no_training(monkeypatch)
   os.remove(os.path.join(root, 'grid', 'results.md'))
-  assert scaling_study.main(argv) == 0
+  published = os.path.join(root, 'published')
+  assert scaling_study.main(argv + [f'--publish={published}']) == 0
   assert capsys.readouterr().out.count('finished before') == len(names)
   assert os.path.exists(os.path.join(root, 'grid', 'results.md'))
+  # --publish copies exactly what the study generated.
+  assert sorted(os.listdir(published)) == [
+      'grid_top1_vs_alpha.png', 'grid_top1_vs_macs.png', 'results.csv', 'results.md']
+  for name in os.listdir(published):
+    with open(os.path.join(published, name), 'rb') as a, \
+         open(os.path.join(root, 'grid', name), 'rb') as b:
+      assert a.read() == b.read(), name
   # A point whose overrides changed since is refused, not silently reused.
   result_path = os.path.join(root, 'grid', names[1], harness.RESULT_FILE)
   result = json.load(open(result_path, encoding='utf-8'))
@@ -246,3 +254,10 @@ def test_progressive_smoke(tmp_path, data_flags):
     records = harness.read_jsonl(str(study_dir / name / 'metrics.jsonl'))
     sizes[name] = [r['image_size'] for r in records if r.get('event') == 'stage_start']
   assert sizes == {'fixed': [16], 'progressive': [12, 16], 'fixed_small': [12]}
+
+
+def test_publish_refuses_a_study_without_results(tmp_path):
+  (tmp_path / 'grid').mkdir()
+  with pytest.raises(ValueError, match='has no results.md yet'):
+    harness.publish(str(tmp_path / 'grid'), str(tmp_path / 'out'))
+  assert not (tmp_path / 'out').exists()
