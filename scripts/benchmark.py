@@ -63,8 +63,8 @@ SYSTEMS = ('ours',) + PEERS
 DEFAULT_SYSTEMS = 'ours,keras_jax,keras_tf,keras_tf_xla,torch'
 _REPLY = '@@benchmark '  # prefix of protocol lines; frameworks also print to stdout
 
-# glibc: serve big blocks from the reused heap, never trim it (see efficientnet_jax/cpu_tuning.py).
-MALLOC_TUNED = {'MALLOC_MMAP_MAX_': '0', 'MALLOC_TRIM_THRESHOLD_': str(2**31 - 1)}
+# glibc: serve big blocks from the reused heap, never trim it (cpu_tuning imports no framework).
+from efficientnet_jax.cpu_tuning import MALLOC_ENV as MALLOC_TUNED  # noqa: E402
 
 KERAS_NAMES = {f'b{i}': f'EfficientNetB{i}' for i in range(8)}
 KERAS_NAMES.update({'v2_s': 'EfficientNetV2S', 'v2_m': 'EfficientNetV2M', 'v2_l': 'EfficientNetV2L'})
