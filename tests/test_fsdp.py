@@ -94,5 +94,15 @@ def test_fsdp_divides_state_bytes_and_keeps_the_step():
   assert ratio == pytest.approx(_ideal_ratio(model, tx, 32), rel=0.02)
   assert ratio > 6.5
   np.testing.assert_allclose(metrics['fsdp']['loss'], metrics['replicate']['loss'], rtol=1e-5)
-  for a, b in zip(jax.tree.leaves(states['fsdp']), jax.tree.leaves(states['replicate'])):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  # The bounds of test_mesh2d: each leaf to 1e-5 relative, or to 1e-5 of its
+  # largest value (3e-5 for the optimizer state, which holds the gradient
+  # itself) where sums land near zero. The two partitions compile to different
+  # fusions, which round differently (the CPU BN backward recomputes its
+  # activation inside them); a wrong sharding is off by orders of magnitude.
+  for (path, a), (_, b) in zip(jax.tree_util.tree_leaves_with_path(states['fsdp']),
+                               jax.tree_util.tree_leaves_with_path(states['replicate'])):
+    scale = float(np.max(np.abs(b))) if np.size(b) else 0.0
+    bound = 3e-5 if path[0].key == 'opt_state' else 1e-5
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=max(1e-6, bound * scale),
+                               err_msg=jax.tree_util.keystr(path))
+

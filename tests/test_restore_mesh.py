@@ -34,6 +34,8 @@ def test_restore_8_to_4_to_1_devices_continues_the_same_run(data_root, tmp_path)
     # Other device counts sum the gradients in another order (~1e-7 relative);
     # RMSProp's second moment holds squared (here large) gradients, so
     # those differences show at ~1e-4 there while the params agree to 1e-5.
+    # A batch mean near 0 is a sum of +/- terms: its error scales with the
+    # activations (~0.1), not with the mean, hence the 3e-6 floor.
     rtol = 1e-3 if path[0].key == 'opt_state' else 1e-5
-    np.testing.assert_allclose(x, y, rtol=rtol, atol=1e-6,
+    np.testing.assert_allclose(x, y, rtol=rtol, atol=3e-6,
                                err_msg=jax.tree_util.keystr(path))
