@@ -337,6 +337,8 @@ def _bn_act_train_bwd(epsilon, act, dtype, residuals, cotangents):
   # sum(dz * centered) taken as sum(dz * x) - mean * sum(dz): XLA:CPU's library
   # reductions take a product into the reduce but not a broadcast subtract, so
   # the direct form writes `centered` out as one more activation-sized tensor.
+  # (In fp32 the difference loses about log10(|mean| / std) digits of d_scale;
+  # tests/test_performance_paths.py holds it to flax's BN gradient at 1e-5.)
   d_scale = (jnp.sum(dz * x32, axes) - mean * d_bias) * rstd
   # The usual BN backward, plus the (normally zero) cotangents of the batch statistics.
   dx = (scale * rstd) * (dz - d_bias / n - centered * (rstd * d_scale / n))
