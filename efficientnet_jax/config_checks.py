@@ -11,6 +11,7 @@ where that knowledge is.
 from __future__ import annotations
 
 import math
+from typing import Any, Mapping
 
 from efficientnet_jax import layers
 from efficientnet_jax import optim
@@ -19,6 +20,21 @@ from efficientnet_jax.data import augment
 DTYPES = ('float32', 'bfloat16')
 SHARDINGS = ('replicate', 'fsdp')
 PROCESS_SHARDINGS = ('files', 'batch')
+
+
+def set_fields(config, overrides: Mapping[str, Any]):
+  """Sets dotted fields in place, e.g. {'data.augment': 'none'}; an unknown field is an error naming it."""
+  for key, value in overrides.items():
+    node = config
+    *path, leaf = key.split('.')
+    for i, part in enumerate(path):
+      if part not in node:
+        raise ValueError(f'override {key!r}: config has no field {".".join(path[:i + 1])!r}')
+      node = node[part]
+    if leaf not in node:
+      raise ValueError(f'override {key!r}: config has no field {key!r}')
+    node[leaf] = value
+  return config
 
 
 def _fail(field: str, value, accepted: str):

@@ -1,5 +1,7 @@
 """Process-level settings that make XLA:CPU (and other frameworks) faster on Linux.
 
+Also `host_info`: the machine facts that benchmark and experiment reports record.
+
 glibc serves every allocation above 32 MiB with a fresh mmap and unmaps it on
 free, so each step of a CPU training loop page-faults its activations in again
 (the kernel zeroes every 4 KiB page). On the 2-core benchmark machine that made
@@ -23,6 +25,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import sys
 
 # mallopt parameter numbers from <malloc.h>.
 _M_TRIM_THRESHOLD = -1
@@ -51,3 +54,17 @@ def tune_malloc() -> bool:
   # No mmap for large blocks (they come from the heap and are reused), and
   # never trim the heap top back to the OS.
   return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+
+
+def host_info() -> dict:
+  """{'cpus', 'python'} and, where Linux tells, 'cpu' (model name), 'mem_gib' and 'loadavg'."""
+  info = {'cpus': os.cpu_count(), 'python': sys.version.split()[0]}
+  try:
+    with open('/proc/cpuinfo', encoding='utf-8') as f:
+      info['cpu'] = next(l.split(':', 1)[1].strip() for l in f if l.startswith('model name'))
+    with open('/proc/meminfo', encoding='utf-8') as f:
+      info['mem_gib'] = round(int(f.readline().split()[1]) / 2**20, 1)
+    info['loadavg'] = os.getloadavg()
+  except (OSError, StopIteration):
+    pass
+  return info

@@ -34,6 +34,8 @@ import sys
 import time
 from typing import Any, Callable, Mapping, Sequence
 
+from efficientnet_jax import cpu_tuning
+
 RESULT_FILE = 'result.json'  # written once a point's final eval is done
 SEGMENTS_FILE = 'harness.jsonl'  # one record per training invocation (wall time)
 BASE_COLUMNS = ('point', 'model', 'width', 'depth', 'resolution', 'params', 'macs',
@@ -93,21 +95,6 @@ class Study:
 # Configs.
 
 
-def set_fields(config, overrides: Mapping[str, Any]):
-  """Sets dotted fields in place; an unknown field is an error naming it."""
-  for key, value in overrides.items():
-    node = config
-    *path, leaf = key.split('.')
-    for i, part in enumerate(path):
-      if part not in node:
-        raise ValueError(f'override {key!r}: config has no field {".".join(path[:i + 1])!r}')
-      node = node[part]
-    if leaf not in node:
-      raise ValueError(f'override {key!r}: config has no field {key!r}')
-    node[leaf] = value
-  return config
-
-
 def parse_set_flag(items: Sequence[str]) -> dict:
   """['data.source_dir=/x', 'train_steps=3'] -> dict; values parsed as JSON when they can be."""
   out = {}
@@ -126,9 +113,12 @@ def parse_set_flag(items: Sequence[str]) -> dict:
 def point_config(study: Study, point: Point, extra: Mapping[str, Any] | None = None):
   """The base config with the point's overrides, then `extra` (e.g. data paths) on top."""
   config = study.base_config()
-  set_fields(config, point.overrides)
+  # Imported here: config_checks pulls in TensorFlow (the augmentation names),
+  # which --list and --collect_only never need.
+  from efficientnet_jax import config_checks  # pylint: disable=g-import-not-at-top
+  config_checks.set_fields(config, point.overrides)
   if extra:
-    set_fields(config, extra)
+    config_checks.set_fields(config, extra)
   return config
 
 
@@ -339,15 +329,9 @@ def markdown_table(rows: list[dict], cols: Sequence[str]) -> str:
 
 
 def host_description() -> str:
-  """'<CPU model>, <n> CPUs' of this machine (Linux /proc/cpuinfo, else platform)."""
-  model = ''
-  try:
-    with open('/proc/cpuinfo', encoding='utf-8') as f:
-      model = next((line.split(':', 1)[1].strip() for line in f
-                    if line.startswith('model name')), '')
-  except OSError:
-    pass
-  return f'{model or platform.processor() or platform.machine()}, {os.cpu_count()} CPUs'
+  """'<CPU model>, <n> CPUs' of this machine."""
+  info = cpu_tuning.host_info()
+  return f'{info.get("cpu") or platform.machine()}, {info["cpus"]} CPUs'
 
 
 def provenance(rows: list[dict]) -> str:

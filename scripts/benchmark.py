@@ -63,8 +63,9 @@ SYSTEMS = ('ours',) + PEERS
 DEFAULT_SYSTEMS = 'ours,keras_jax,keras_tf,keras_tf_xla,torch'
 _REPLY = '@@benchmark '  # prefix of protocol lines; frameworks also print to stdout
 
-# glibc: serve big blocks from the reused heap, never trim it (cpu_tuning imports no framework).
-from efficientnet_jax.cpu_tuning import MALLOC_ENV as MALLOC_TUNED  # noqa: E402
+# cpu_tuning imports no framework: MALLOC_ENV (glibc: serve big blocks from the reused
+# heap, never trim it) and host_info.
+from efficientnet_jax import cpu_tuning  # noqa: E402
 
 KERAS_NAMES = {f'b{i}': f'EfficientNetB{i}' for i in range(8)}
 KERAS_NAMES.update({'v2_s': 'EfficientNetV2S', 'v2_m': 'EfficientNetV2M', 'v2_l': 'EfficientNetV2L'})
@@ -120,10 +121,10 @@ def worker_env(options: dict[str, str], malloc: str, xla_flags: str) -> dict[str
   env = dict(os.environ)
   env.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   env['CUDA_VISIBLE_DEVICES'] = env.get('CUDA_VISIBLE_DEVICES', '')
-  for key in MALLOC_TUNED:
+  for key in cpu_tuning.MALLOC_ENV:
     env.pop(key, None)
   if options.get('malloc', malloc) == 'tuned':
-    env.update(MALLOC_TUNED)
+    env.update(cpu_tuning.MALLOC_ENV)
   flags = ' '.join(filter(None, [env.get('XLA_FLAGS', ''), xla_flags,
                                  options.get('xla', '').replace('+', ' ')]))
   if flags:
@@ -598,7 +599,7 @@ def run_benchmark(args) -> dict:
     row['info'] = worker.setup['info']
     systems[worker.spec] = row
   result = {
-      'date': time.strftime('%Y-%m-%d %H:%M'), 'host': host_info(), 'model': args.model,
+      'date': time.strftime('%Y-%m-%d %H:%M'), 'host': cpu_tuning.host_info(), 'model': args.model,
       'image_size': size, 'train_batch': args.train_batch, 'eval_batch': args.eval_batch,
       'malloc': args.malloc, 'xla_flags': args.xla_flags, 'warmup': args.warmup,
       'turn_warmup': args.turn_warmup,
@@ -622,19 +623,6 @@ def ratios(systems: dict, modes: list[str]) -> dict:
           entry[mode] = round(a / b, 2)
       out[f'{m} / {p}'] = entry
   return out
-
-
-def host_info() -> dict:
-  info = {'cpus': os.cpu_count(), 'python': sys.version.split()[0]}
-  try:
-    with open('/proc/cpuinfo') as f:
-      info['cpu'] = next(l.split(':', 1)[1].strip() for l in f if l.startswith('model name'))
-    with open('/proc/meminfo') as f:
-      info['mem_gib'] = round(int(f.readline().split()[1]) / 2**20, 1)
-    info['loadavg'] = os.getloadavg()
-  except (OSError, StopIteration):
-    pass
-  return info
 
 
 def print_table(result: dict) -> None:
@@ -703,7 +691,7 @@ def run_latency(args) -> dict:
                     'throughput': one('ours', name, size, args.throughput_batch,
                                       max(1, args.latency_steps // 4))
                                   if args.throughput_batch else {}}
-  return {'date': time.strftime('%Y-%m-%d %H:%M'), 'host': host_info(), 'malloc': args.malloc,
+  return {'date': time.strftime('%Y-%m-%d %H:%M'), 'host': cpu_tuning.host_info(), 'malloc': args.malloc,
           'table4': table4, 'models': models}
 
 

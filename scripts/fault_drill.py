@@ -150,8 +150,8 @@ def train_argv(workdir: str, fields: dict) -> list[str]:
 
 def config_from(fields: dict):
   from configs import base  # pylint: disable=g-import-not-at-top
-  from experiments import harness  # pylint: disable=g-import-not-at-top
-  return harness.set_fields(base.get_config('smoke'), fields)
+  from efficientnet_jax import config_checks  # pylint: disable=g-import-not-at-top
+  return config_checks.set_fields(base.get_config('smoke'), fields)
 
 
 # ---------------------------------------------------------------------------

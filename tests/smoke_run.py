@@ -1,6 +1,7 @@
 """A tiny training run for tests: fake Fashion-MNIST IDX files and a smoke config over them."""
 
 from configs import base
+from efficientnet_jax import config_checks
 from tests.test_data_fashion_mnist import write_fake_fashion_mnist
 
 
@@ -10,17 +11,6 @@ def write_fake_data(root):
   return root
 
 
-def set_fields(config, overrides: dict):
-  """Sets dotted fields, e.g. {'data.augment': 'none', 'train_steps': 3}."""
-  for key, value in overrides.items():
-    node = config
-    *path, leaf = key.split('.')
-    for part in path:
-      node = node[part]
-    node[leaf] = value
-  return config
-
-
 def smoke_config(data_root, **overrides):
   """configs/base.py:smoke on the fake Fashion-MNIST in `data_root`, then `overrides`."""
   config = base.get_config('smoke')
@@ -28,4 +18,4 @@ def smoke_config(data_root, **overrides):
   config.data.eval_split = 'test'
   config.data.source_dir = str(data_root / 'idx')
   config.data.data_dir = str(data_root / 'tfds')
-  return set_fields(config, overrides)
+  return config_checks.set_fields(config, overrides)

@@ -7,6 +7,7 @@ import os
 import jax
 import pytest
 
+from efficientnet_jax import config_checks
 from efficientnet_jax import train
 from experiments import harness
 from experiments.baselines import study as baselines_study
@@ -104,12 +105,12 @@ def test_shards_partition_the_points():
 
 def test_overrides_name_unknown_fields():
   config = presets.smoke_config()
-  harness.set_fields(config, harness.parse_set_flag(['model.width=0.5', 'data.name=x']))
+  config_checks.set_fields(config, harness.parse_set_flag(['model.width=0.5', 'data.name=x']))
   assert (config.model.width, config.data.name) == (0.5, 'x')
   with pytest.raises(ValueError, match=r"^override 'model.widht': config has no field"):
-    harness.set_fields(config, {'model.widht': 1.0})
+    config_checks.set_fields(config, {'model.widht': 1.0})
   with pytest.raises(ValueError, match=r"^override 'nope.x': config has no field 'nope'"):
-    harness.set_fields(config, {'nope.x': 1.0})
+    config_checks.set_fields(config, {'nope.x': 1.0})
 
 
 @pytest.mark.parametrize('preset', presets.PRESET_NAMES)

@@ -20,6 +20,7 @@ from efficientnet_jax import optim
 from efficientnet_jax import sharding
 from efficientnet_jax import train
 from efficientnet_jax.model import create_model
+from tests import state_compare
 from tests.test_bad_input import _config
 from tests.test_bad_input import _snapshot
 from tests.test_bad_input import data_root  # noqa: F401  (the fixture)
@@ -118,23 +119,12 @@ def test_2d_step_equals_replicated_step_and_divides_state_bytes():
   assert ratios['4x2 fsdp'] == pytest.approx(_ideal_ratio(model, tx, 32, 4, 2, True), rel=0.02)
   assert ratios['1d 8'] == 1 and ratios['4x2'] > 1.8 and ratios['4x2 fsdp'] > 6.5
   np.testing.assert_allclose(metrics['4x2 fsdp']['loss'], metrics['1d']['loss'], rtol=1e-5)
-  worst = {}
-  flat = jax.tree_util.tree_leaves_with_path(states['4x2 fsdp'])
-  for (path, a), b in zip(flat, jax.tree.leaves(states['1d'])):
-    # Each leaf to 1e-5 relative, or to 1e-5 of its largest value (at least 1e-6,
-    # as test_fsdp) where partial sums land near zero. The optimizer state holds
-    # the gradient itself: its sums over the batch and 16x16 positions cancel
-    # heavily, and fp32 rounding in another order moves it by up to 2e-5 of its
-    # scale (as much between 1-D on 4 and on 8 devices), so 3e-5 there.
-    group = path[0].key
-    scale = float(np.max(np.abs(b))) if np.size(b) else 0.0
-    bound = 3e-5 if group == 'opt_state' else 1e-5
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=max(1e-6, bound * scale),
-                               err_msg=jax.tree_util.keystr(path))
-    error = float(np.max(np.abs(np.asarray(a) - b), initial=0.0)) / max(scale, 0.1)
-    worst[group] = max(worst.get(group, (0.0, '')), (error, jax.tree_util.keystr(path)))
-  print('largest |4x2 fsdp - 1d| / max|1d| per group: ' + ', '.join(
-      f'{group} {e:.1e} ({where})' for group, (e, where) in worst.items()))
+  # The optimizer state holds the gradient itself: its sums over the batch and
+  # 16x16 positions cancel heavily, and fp32 rounding in another order moves it
+  # by up to 2e-5 of its scale (as much between 1-D on 4 and on 8 devices).
+  worst = state_compare.assert_states_close(states['4x2 fsdp'], states['1d'],
+                                            bounds={'opt_state': 3e-5})
+  print('largest |4x2 fsdp - 1d| / max|1d| per group: ' + state_compare.describe(worst))
   assert not np.allclose(states['1d']['batch_stats']['stem_bn']['var'], 1.0)  # BN moved
 
 

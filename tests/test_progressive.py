@@ -15,6 +15,7 @@ import pytest
 from configs import base
 from efficientnet_jax import architectures
 from efficientnet_jax import checkpointing
+from efficientnet_jax import config_checks
 from efficientnet_jax import progressive
 from efficientnet_jax import train
 from efficientnet_jax import train_loop
@@ -149,7 +150,7 @@ def _config(data_root, **overrides):
   p.mixup_alpha_min, p.mixup_alpha_max = 0.0, 0.3
   p.cutmix_alpha_min, p.cutmix_alpha_max = 0.0, 0.0
   p.dropout_min, p.dropout_max = 0.2, 0.2
-  return smoke_run.set_fields(config, overrides)
+  return config_checks.set_fields(config, overrides)
 
 
 # Where augmentation is not under test: cheaper pipelines to build.

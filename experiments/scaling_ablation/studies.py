@@ -81,8 +81,7 @@ def grid_study(preset: Preset) -> harness.Study:
   def plot(rows, study_dir):
     for row in rows:
       row['label'] = f'{row["alpha"]:g},{row["beta"]:g},{row["gamma"]:g}'
-      row['kind'] = ("the paper's (1.2, 1.1, 1.15)" if row['paper'] in (True, 'True')
-                     else 'other grid points')
+      row['kind'] = "the paper's (1.2, 1.1, 1.15)" if row['paper'] else 'other grid points'
       row['beta_gamma'] = f'{row["beta"]:g},{row["gamma"]:g}'
     return [plots.plot_groups(
         rows, x='macs', y=preset.plot_metric, group='kind', label='label', lines=False,
