@@ -481,10 +481,3 @@ class MBConv(nn.Module):
             x, deterministic=not train)
       x = x + inputs
     return x
-
-
-def _drop_connect(x, rate, key):
-  """nn.Dropout(rate, broadcast_dims=(1, 2, 3)) for a traced rate: keep a sample w.p. 1 - rate."""
-  keep = 1.0 - rate
-  mask = jax.random.bernoulli(key, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
-  return jnp.where(mask, x / keep.astype(x.dtype), jnp.zeros_like(x))

@@ -80,16 +80,22 @@ class EfficientNet(nn.Module):
     x = self._bn(x, train, 'stem_bn', spec.activation)
     endpoints['stem'] = x
     blocks = spec.blocks()
+    masks = self._drop_masks(blocks, x.shape[0]) if train else None
     reduction = 0
     for stage, run in _stage_runs(blocks, self.scan_blocks):
+      first, last = run[0].index, run[-1].index
       if len(run) == 1:
-        block = layers.MBConv(run[0], **self._block_kwargs(), name=f'block_{run[0].index}')
-        x = self._remat_block(block, x) if self.remat and train else block(x, train)
+        block = layers.MBConv(run[0], **self._block_kwargs(), name=f'block_{first}')
+        mask = None if masks is None or not _drops(run[0]) else masks[first]
+        if self.remat and train:
+          x = remat_lib.remat_call(block, x, mask)
+        else:
+          x = block(x, train, drop_mask=mask)
       else:
         x = _ScanRepeats(run[0], len(run), train, self.remat,
                          tuple(sorted(self._block_kwargs().items())),
                          name=f'stage_{stage}_repeats')(
-            x, jnp.asarray([b.drop_rate for b in run], jnp.float32))
+            x, None if masks is None or not _drops(run[0]) else masks[first:last + 1])
       # An endpoint is the last block before a stride change (or the last block).
       nxt = run[-1].index + 1
       if nxt == len(blocks) or blocks[nxt].stride > 1:
@@ -109,14 +115,28 @@ class EfficientNet(nn.Module):
     x = x.astype(jnp.float32)
     return (x, endpoints) if return_endpoints else x
 
-  def _remat_block(self, block, x):
-    # The stochastic-depth mask is drawn here, outside the recomputed function,
-    # so the backward pass reruns the block with the same mask.
-    b = block.block
-    mask = None
-    if b.residual and b.drop_rate > 0:
-      mask = remat_lib.drop_mask(self.make_rng('dropout'), b.drop_rate, x.shape[0], self.dtype)
-    return remat_lib.remat_call(block, x, mask)
+  def _drop_masks(self, blocks, batch: int):
+    """Every block's stochastic-depth multiplier, [num_blocks, B, 1, 1, 1], from one draw.
+
+    One uniform draw for the whole network instead of a key and a Bernoulli
+    draw per block: on XLA:CPU each draw is its own handful of threefry kernels
+    (a while loop each), ~1 s of a B0 train step's compile. A block's rows are
+    0 w.p. its drop rate, else 1 / (1 - rate), as `nn.Dropout(rate,
+    broadcast_dims=(1, 2, 3))` would draw them. Drawn outside the blocks, so a
+    rematerialised block (remat.py) and a scanned stage see the same masks.
+    Returns None when no block drops.
+    """
+    if not any(_drops(b) for b in blocks):
+      return None
+    keep = jnp.asarray([1.0 - b.drop_rate if _drops(b) else 1.0 for b in blocks], jnp.float32)
+    u = jax.random.uniform(self.make_rng('dropout'), (len(blocks), batch))
+    masks = jnp.where(u < keep[:, None], 1.0 / keep[:, None], 0.0).astype(self.dtype)
+    return masks[:, :, None, None, None]
+
+
+def _drops(block) -> bool:
+  """Whether stochastic depth applies to `block` (a residual block with a rate > 0)."""
+  return block.residual and block.drop_rate > 0
 
 
 def _stage_runs(blocks, scan: bool) -> list[tuple[int, list]]:
@@ -144,9 +164,9 @@ class _RepeatBody(nn.Module):
   block_kwargs: Any
 
   @nn.compact
-  def __call__(self, x, drop_rate):
+  def __call__(self, x, drop_mask):
     return layers.MBConv(self.block, **dict(self.block_kwargs), name='block')(
-        x, self.train, drop_rate), None
+        x, self.train, drop_mask=drop_mask), None
 
 
 class _ScanRepeats(nn.Module):
@@ -158,12 +178,12 @@ class _ScanRepeats(nn.Module):
   block_kwargs: Any
 
   @nn.compact
-  def __call__(self, x, drop_rates):
+  def __call__(self, x, drop_masks):
+    """`drop_masks`: [length, B, 1, 1, 1] (EfficientNet._drop_masks), or None: no drops."""
     body = nn.remat(_RepeatBody) if self.remat else _RepeatBody
     scan = nn.scan(body, variable_axes={'params': 0, 'batch_stats': 0},
-                   split_rngs={'params': True, 'dropout': True}, in_axes=0,
-                   length=self.length)
-    x, _ = scan(self.block, self.train, self.block_kwargs, name='scan')(x, drop_rates)
+                   split_rngs={'params': True}, in_axes=0, length=self.length)
+    x, _ = scan(self.block, self.train, self.block_kwargs, name='scan')(x, drop_masks)
     return x
 
 

@@ -34,7 +34,7 @@ def remat_call(block: nn.Module, x, drop_mask=None):
       the batch's statistics; the running averages it updates are outputs).
     x: the block's input.
     drop_mask: optional [B, 1, 1, 1] stochastic-depth multiplier, drawn by the
-      caller so that the recomputation sees the same mask.
+      caller (EfficientNet._drop_masks) so that the recomputation sees the same mask.
   """
   unbound = block.clone(parent=None)
   extra = () if drop_mask is None else (drop_mask,)
@@ -62,9 +62,3 @@ def remat_call(block: nn.Module, x, drop_mask=None):
 
   return nn.custom_vjp(run, forward_fn=forward, backward_fn=backward)(block, x, *extra)
 
-
-def drop_mask(key, rate: float, batch: int, dtype):
-  """Per-sample stochastic-depth multiplier: 0 w.p. `rate`, else 1 / (1 - rate)."""
-  keep = 1.0 - rate
-  mask = jax.random.bernoulli(key, keep, (batch, 1, 1, 1))
-  return jnp.where(mask, 1.0 / keep, 0.0).astype(dtype)

@@ -236,8 +236,7 @@ def test_remat_with_drop_mask_matches_plain_block():
   block = architectures.Block(index=0, stage=0, in_ch=8, out_ch=8, kernel=3, stride=1,
                               expand=4, se_ch=2, fused=False, drop_rate=0.5)
   x = jax.random.normal(jax.random.key(0), (4, 8, 8, 8))
-  mask = remat_lib.drop_mask(jax.random.key(3), 0.5, 4, jnp.float32)
-  assert set(np.unique(np.asarray(mask))) == {0.0, 2.0}
+  mask = jnp.asarray([2.0, 0.0, 2.0, 0.0]).reshape(4, 1, 1, 1)  # rate 0.5: dropped or 1/keep
 
   class Wrapped(nn.Module):
     use_remat: bool
@@ -325,6 +324,42 @@ def test_scan_blocks_stochastic_depth_drops_whole_samples():
   # Eval mode is deterministic and ignores the rates.
   np.testing.assert_array_equal(jax.jit(model.apply)(variables, x),
                                 jax.jit(model.apply)(variables, x))
+
+
+def test_stochastic_depth_masks_are_one_draw_shared_by_remat_and_scan():
+  # One draw for the network: the plain, rematerialised and scanned models see
+  # the same masks for the same key, so with stochastic depth on they still
+  # compute the same function (scan: up to the stacked layout).
+  spec = _tiny('b0', stages=4, drop_connect=0.6)  # stage repeats 1, 2, 2, 3
+  x = jax.random.normal(jax.random.key(0), (8, 16, 16, 3))
+  plain = create_model(spec, num_classes=10, dropout=0.0)
+  variables = jax.jit(plain.init)(jax.random.key(1), x)
+
+  def train_logits(model, variables):
+    return jax.jit(lambda v: model.apply(v, x, train=True, mutable=['batch_stats'],
+                                         rngs={'dropout': jax.random.key(2)})[0])(variables)
+
+  want = train_logits(plain, variables)
+  assert not np.allclose(want, train_logits(create_model(spec, num_classes=10, dropout=0.0,
+                                                         drop_connect=0.0), variables))
+  _assert_close(train_logits(create_model(spec, num_classes=10, dropout=0.0, remat=True),
+                             variables), want)
+  scanned = create_model(spec, num_classes=10, dropout=0.0, scan_blocks=True)
+  _assert_close(train_logits(scanned, stack_block_variables(variables, spec)), want)
+
+  blocks = spec.blocks()
+  masks = np.asarray(plain.apply(variables, blocks, 4096, method=plain._drop_masks,
+                                 rngs={'dropout': jax.random.key(4)}))
+  assert masks.shape == (len(blocks), 4096, 1, 1, 1)
+  for b, m in zip(blocks, masks[:, :, 0, 0, 0]):
+    if not (b.residual and b.drop_rate > 0):
+      np.testing.assert_array_equal(m, 1.0)
+      continue
+    keep = 1.0 - b.drop_rate
+    np.testing.assert_allclose(m[m != 0], 1.0 / keep, rtol=1e-6)  # dropped, or scaled by 1/keep
+    # The kept fraction is Binomial(4096, keep) / 4096: 5 standard deviations.
+    assert abs(np.mean(m > 0) - keep) < 5 * np.sqrt(keep * (1 - keep) / 4096), b.index
+  assert not np.array_equal(masks[1], masks[2])  # blocks draw independently
 
 
 def test_infer_micro_batches_match_apply():
