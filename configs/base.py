@@ -55,6 +55,10 @@ def get_config(arg=None):
   # large kernels split their output channels over it, the batch splits over
   # the remaining device_count // mesh_model `data` devices. 1 = the 1-D mesh.
   config.mesh_model = 1
+  # Optimizer slots and EMA as one vector each ('flat': fewer kernels, faster
+  # compiles) or shaped like each param ('per_leaf': what sharding needs).
+  # 'auto': flat when replicated on a 1-D mesh. efficientnet_jax/state_layout.py.
+  config.state_layout = 'auto'
 
   # EfficientNetV2 progressive learning (efficientnet_jax/progressive.py): image
   # size and regularisation grow stage by stage; each stage has its own input

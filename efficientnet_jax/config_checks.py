@@ -15,6 +15,7 @@ from typing import Any, Mapping
 
 from efficientnet_jax import layers
 from efficientnet_jax import optim
+from efficientnet_jax import state_layout
 from efficientnet_jax.data import augment
 
 DTYPES = ('float32', 'bfloat16')
@@ -137,6 +138,8 @@ def check_config(config) -> None:
   _positive(config, 'keep_checkpoints')
   if _has(config, 'sharding'):
     _one_of(config, 'sharding', SHARDINGS)
+  if _has(config, 'state_layout'):  # 'flat' with a sharded state: state_layout.resolve
+    _one_of(config, 'state_layout', state_layout.LAYOUTS)
   if _has(config, 'mesh_model'):  # dividing the device count: sharding.make_mesh
     value = _get(config, 'mesh_model')
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -30,6 +30,7 @@ def evaluate_checkpoint(config, workdir: str, step: int | None = None,
                         image_size: int | None = None) -> dict:
   import dataclasses  # pylint: disable=g-import-not-at-top
   from efficientnet_jax import sharding  # pylint: disable=g-import-not-at-top
+  from efficientnet_jax import state_layout  # pylint: disable=g-import-not-at-top
   from efficientnet_jax import train  # pylint: disable=g-import-not-at-top
   import functools  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
@@ -39,12 +40,13 @@ def evaluate_checkpoint(config, workdir: str, step: int | None = None,
   exp, state, step = train.load_checkpoint(config, workdir, step, mesh)
   if image_size:
     exp = dataclasses.replace(exp, eval_image_size=image_size)
-  variables_sharding = jax.tree.map(lambda a: a.sharding, state['ema'])  # = raw's layout
+  raw = {'params': state['params'], 'batch_stats': state['batch_stats']}
+  ema = state_layout.ema_variables(state)
   eval_fn = jax.jit(functools.partial(train.eval_step, model=exp.model),
-                    in_shardings=(variables_sharding, sharding.batch_sharding(mesh)),
+                    in_shardings=(jax.tree.map(lambda a: a.sharding, raw),
+                                  sharding.batch_sharding(mesh)),
                     out_shardings=sharding.replicated(mesh))
-  results = train.evaluate(eval_fn, {'ema': state['ema'], 'raw': {
-      'params': state['params'], 'batch_stats': state['batch_stats']}}, exp, config, mesh)
+  results = train.evaluate(eval_fn, {'ema': ema, 'raw': raw}, exp, config, mesh)
   return {'step': step, 'image_size': exp.eval_image_size, **results}
 
 

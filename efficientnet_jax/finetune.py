@@ -37,6 +37,7 @@ import numpy as np
 import optax
 
 from efficientnet_jax import predict
+from efficientnet_jax import state_layout
 from efficientnet_jax.architectures import ModelSpec
 from efficientnet_jax import model as model_lib
 from efficientnet_jax.model import stack_block_variables
@@ -153,11 +154,9 @@ def init_state_from(state: dict, pretrained: Mapping[str, Any], *, tx,
                         variables['params'])
   batch_stats = jax.tree.map(lambda a, b: jax.numpy.asarray(b, a.dtype),
                              state['batch_stats'], variables['batch_stats'])
-  # The EMA gets its own buffers: a train step that donates the state must not
-  # see one buffer twice.
-  ema = jax.tree.map(jax.numpy.copy, dict(params=params, batch_stats=batch_stats))
+  layout = 'flat' if state_layout.is_flat_ema(state['ema']) else 'per_leaf'
   return dict(state, params=params, batch_stats=batch_stats, opt_state=tx.init(params),
-              ema=ema), report
+              ema=state_layout.init_ema(params, batch_stats, layout)), report
 
 
 def frozen_modules(spec: ModelSpec, blocks: int) -> tuple[str, ...]:

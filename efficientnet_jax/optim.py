@@ -193,6 +193,7 @@ def make_optimizer(
     rmsprop_eps: float = 1e-3,
     adamw_b1: float = 0.9,
     adamw_b2: float = 0.999,
+    flat: bool = False,
 ) -> optax.GradientTransformation:
   """Builds the optimizer, with the official weight-decay semantics.
 
@@ -208,6 +209,10 @@ def make_optimizer(
     ImageNet example uses). optax applies the LR after the momentum trace.
   * 'adamw': `optax.adamw` with decoupled decay, which optax multiplies by the
     learning rate (v <- v - lr * (adam_update + wd * v)).
+
+  With `flat`, the stateful core (the moments and traces) runs on one vector of
+  all parameters (`optax.flatten`, see state_layout.py); the weight decay and
+  its mask stay outside it, on the parameter tree. Same updates either way.
 
   The LR is not kept in the optimizer state; log `learning_rate(step)` from
   the train loop. The schedule is evaluated at optax's own update count, which
@@ -225,6 +230,7 @@ def make_optimizer(
     rmsprop_eps: RMSProp epsilon, added inside the square root.
     adamw_b1: Adam first-moment decay.
     adamw_b2: Adam second-moment decay.
+    flat: keep the optimizer state as one vector per slot ('flat' state layout).
 
   Returns:
     The optax gradient transformation.
@@ -232,30 +238,30 @@ def make_optimizer(
   Raises:
     ValueError: For an unknown optimizer name.
   """
+  core = optax.flatten if flat else (lambda tx: tx)
   if name == 'rmsprop':
     return optax.chain(
         optax.add_decayed_weights(weight_decay, mask=weight_decay_mask),
-        optax.rmsprop(
+        core(optax.rmsprop(
             learning_rate,
             decay=rmsprop_decay,
             eps=rmsprop_eps,
             initial_scale=1.0,
             eps_in_sqrt=True,
             momentum=momentum,
-        ),
+        )),
     )
   if name == 'sgd':
     return optax.chain(
         optax.add_decayed_weights(weight_decay, mask=weight_decay_mask),
-        optax.sgd(learning_rate, momentum=momentum, nesterov=True),
+        core(optax.sgd(learning_rate, momentum=momentum, nesterov=True)),
     )
   if name == 'adamw':
-    return optax.adamw(
-        learning_rate,
-        b1=adamw_b1,
-        b2=adamw_b2,
-        weight_decay=weight_decay,
-        mask=weight_decay_mask,
+    # optax.adamw's own chain, with the moments (its only state) in `core`.
+    return optax.chain(
+        core(optax.scale_by_adam(b1=adamw_b1, b2=adamw_b2)),
+        optax.add_decayed_weights(weight_decay, mask=weight_decay_mask),
+        optax.scale_by_learning_rate(learning_rate),
     )
   raise ValueError(f'Unknown optimizer {name!r}; expected one of {OPTIMIZERS}.')
 

@@ -161,7 +161,8 @@ def load_workdir(workdir: str, config, *, step: int | None = None, ema: bool = T
   if isinstance(config, str):
     config = load_config(config)
   exp, state, step = train.load_checkpoint(config, workdir, step)
-  source = state['ema'] if ema else state
+  from efficientnet_jax import state_layout  # pylint: disable=g-import-not-at-top
+  source = state_layout.ema_variables(state) if ema else state
   variables = jax.device_get({'params': source['params'],
                               'batch_stats': source['batch_stats']})
   notes = [f'{workdir}: step {step} ({"EMA" if ema else "raw"} weights), '

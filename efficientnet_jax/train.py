@@ -32,6 +32,7 @@ from efficientnet_jax import config_checks
 from efficientnet_jax import optim
 from efficientnet_jax import progressive
 from efficientnet_jax import sharding
+from efficientnet_jax import state_layout
 from efficientnet_jax import train_loop
 from efficientnet_jax.data import augment
 from efficientnet_jax.data import input_pipeline
@@ -42,13 +43,18 @@ from efficientnet_jax.model import EfficientNet, create_model
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
-def create_train_state(key, *, model: EfficientNet, tx, image_size: int) -> dict:
-  """Params, BN statistics, optimizer state, EMA (of params and BN stats) and step."""
+def create_train_state(key, *, model: EfficientNet, tx, image_size: int,
+                       layout: str = 'per_leaf') -> dict:
+  """Params, BN statistics, optimizer state, EMA (of params and BN stats) and step.
+
+  `layout` ('per_leaf' or 'flat', state_layout.py) is the EMA's; `tx` must be
+  made for the same one (`optim.make_optimizer(flat=...)`).
+  """
   variables = model.init({'params': key}, jnp.zeros((1, image_size, image_size, 3)),
                          train=False)
   params, batch_stats = variables['params'], variables['batch_stats']
   return dict(params=params, batch_stats=batch_stats, opt_state=tx.init(params),
-              ema=dict(params=params, batch_stats=batch_stats),
+              ema=state_layout.init_ema(params, batch_stats, layout),
               step=jnp.zeros((), jnp.int32))
 
 
@@ -73,7 +79,7 @@ def train_step(state: dict, batch: dict, key, *, model: EfficientNet, tx,
   updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
   params = jax.tree.map(lambda p, u: p + u, state['params'], updates)
   step = state['step'] + 1
-  ema = optim.update_ema(state['ema'], {'params': params, 'batch_stats': batch_stats},
+  ema = optim.update_ema(state['ema'], state_layout.ema_target(params, batch_stats, state['ema']),
                          step, ema_decay)
   top1 = jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(batch['label'], -1))
   new_state = dict(params=params, batch_stats=batch_stats, opt_state=opt_state, ema=ema,
@@ -109,6 +115,8 @@ class Experiment:
   schedule: Any
   tx: Any
   plan: progressive.StagePlan
+  layout: str  # of the optimizer state and EMA: 'flat' or 'per_leaf' (state_layout.py)
+  make_tx: Any  # flat: bool -> the optimizer for that layout (`tx` is this run's)
 
 
 def data_spec_from_config(cfg) -> DataSpec:
@@ -159,20 +167,28 @@ def build_experiment(config, device_count: int | None = None) -> Experiment:
   else:
     schedule = make_schedule(config.batch_size, steps_per_epoch)
   exclude = spec.family == 'v2'  # V2 excludes biases and BN from decay, V1 only BN
-  tx = optim.make_optimizer(
-      name=config.optimizer, learning_rate=schedule, weight_decay=config.weight_decay,
-      weight_decay_mask=functools.partial(optim.weight_decay_mask,
-                                          exclude_bias_and_bn_scale=exclude),
-      momentum=config.momentum, rmsprop_decay=config.rmsprop_decay,
-      rmsprop_eps=config.rmsprop_eps)
   freeze_blocks = config.get('freeze_blocks', 0)
   if freeze_blocks:  # stem + first K blocks get zero updates (finetune.py)
     shapes = jax.eval_shape(
         lambda key: model.init(key, jnp.zeros((1, image_size, image_size, 3)), train=False),
         jax.random.key(0))
-    tx = finetune.freeze(tx, finetune.freeze_mask(shapes['params'], spec, freeze_blocks))
+    frozen = finetune.freeze_mask(shapes['params'], spec, freeze_blocks)
+
+  def make_tx(flat: bool):
+    tx = optim.make_optimizer(
+        name=config.optimizer, learning_rate=schedule, weight_decay=config.weight_decay,
+        weight_decay_mask=functools.partial(optim.weight_decay_mask,
+                                            exclude_bias_and_bn_scale=exclude),
+        momentum=config.momentum, rmsprop_decay=config.rmsprop_decay,
+        rmsprop_eps=config.rmsprop_eps, flat=flat)
+    return finetune.freeze(tx, frozen) if freeze_blocks else tx
+
+  layout = state_layout.resolve(config.get('state_layout', 'auto'),
+                                sharding=config.get('sharding', 'replicate'),
+                                mesh_model=config.get('mesh_model', 1))
   return Experiment(spec, model, data, num_classes, image_size, eval_image_size,
-                    steps_per_epoch, plan.total_steps, schedule, tx, plan)
+                    steps_per_epoch, plan.total_steps, schedule, make_tx(layout == 'flat'),
+                    plan, layout, make_tx)
 
 
 def _architecture_meta(exp: Experiment) -> dict:
@@ -229,6 +245,35 @@ def _stage_meta(meta: dict, plan: progressive.StagePlan, step: int) -> dict:
   return {**meta, 'stage': stage.index, 'image_size': stage.image_size}
 
 
+def _abstract_state(exp: Experiment, layout: str, mesh, mode: str):
+  """The train state's shapes in `layout`, each with its sharding under `mode`."""
+  init_fn = functools.partial(create_train_state, model=exp.model,
+                              tx=exp.make_tx(layout == 'flat'), image_size=exp.image_size,
+                              layout=layout)
+  abstract = jax.eval_shape(init_fn, jax.random.key(0))
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      abstract, sharding.state_shardings(abstract, mesh, mode))
+
+
+def restore_state(manager, step: int, exp: Experiment, abstract, mesh, mode: str):
+  """(state, meta) of checkpoint `step`, in this run's layout and shardings (`abstract`).
+
+  A checkpoint saved in the other state layout (another sharding mode) is read
+  in its own layout and converted on device (`state_layout.relayout`).
+  """
+  saved = checkpointing.read_meta(manager, step).get('state_layout',
+                                                     state_layout.SAVED_BEFORE_LAYOUTS)
+  if saved == exp.layout:
+    return checkpointing.restore(manager, abstract, step)
+  if saved not in state_layout.LAYOUTS:
+    raise ValueError(f'checkpoint step {step} has state_layout={saved!r}; this code knows '
+                     f'{", ".join(state_layout.LAYOUTS[1:])}')
+  state, meta = checkpointing.restore(manager, _abstract_state(exp, saved, mesh, mode), step)
+  convert = jax.jit(lambda s: state_layout.relayout(s, abstract),
+                    out_shardings=jax.tree.map(lambda a: a.sharding, abstract))
+  return convert(state), meta
+
+
 def run(config, workdir: str, devices=None) -> dict:
   """Trains (or resumes) the configured model in `workdir`; returns the final eval metrics.
 
@@ -256,7 +301,7 @@ def run(config, workdir: str, devices=None) -> dict:
   # fails: a refused workdir is left exactly as it was.
   new_cache = (cache_dir is not None and cache_dir.startswith(workdir + os.sep)
                and not os.path.exists(cache_dir))
-  meta = _architecture_meta(exp)
+  meta = {**_architecture_meta(exp), 'state_layout': exp.layout}
 
   # Made by every process as replicated global arrays (a device_put of a local
   # key cannot target other hosts' devices).
@@ -264,14 +309,14 @@ def run(config, workdir: str, devices=None) -> dict:
       lambda: tuple(jax.random.split(jax.random.key(config.seed))),
       out_shardings=replicated)()
   init_fn = functools.partial(create_train_state, model=exp.model, tx=exp.tx,
-                              image_size=exp.image_size)
+                              image_size=exp.image_size, layout=exp.layout)
   # Placed by the sharding rules from shapes alone: the state is created on its
   # shards, never whole on one device first.
-  abstract = jax.eval_shape(init_fn, init_key)
-  state_sharding = sharding.state_shardings(abstract, mesh, config.get('sharding', 'replicate'))
-  abstract = jax.tree.map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sharding)
-  variables_sharding = state_sharding['ema']  # same shapes as {params, batch_stats}
+  mode = config.get('sharding', 'replicate')
+  abstract = _abstract_state(exp, exp.layout, mesh, mode)
+  state_sharding = jax.tree.map(lambda a: a.sharding, abstract)
+  variables_sharding = {'params': state_sharding['params'],
+                        'batch_stats': state_sharding['batch_stats']}
 
   def make_step(stage):
     # Dropout is a static attribute of the linen module, so each rate is its own
@@ -308,7 +353,7 @@ def run(config, workdir: str, devices=None) -> dict:
   start_step = checkpointing.latest_step(manager)
   if start_step is not None:
     try:
-      state, saved = checkpointing.restore(manager, abstract, start_step)
+      state, saved = restore_state(manager, start_step, exp, abstract, mesh, mode)
     except Exception:
       if new_cache:
         shutil.rmtree(cache_dir, ignore_errors=True)
@@ -353,7 +398,7 @@ def run(config, workdir: str, devices=None) -> dict:
     nonlocal eval_fn
     if not callable(eval_fn):  # the ahead-of-time compile's Future
       eval_fn = eval_fn.result()
-    results = evaluate(eval_fn, {'ema': state['ema'], 'raw': {
+    results = evaluate(eval_fn, {'ema': state_layout.ema_variables(state), 'raw': {
         'params': state['params'], 'batch_stats': state['batch_stats']}}, exp, config, mesh)
     record = {'step': step, 'split': 'eval', 'epoch': plan.epoch_at(step),
               'image_size': exp.eval_image_size}
@@ -455,11 +500,7 @@ def load_checkpoint(config, workdir: str, step: int | None = None, mesh=None):
   if step is None:
     raise FileNotFoundError(f'no checkpoint in {os.path.abspath(workdir)}/checkpoints')
   check_workdir_matches(manager, exp, workdir)
-  init_fn = functools.partial(create_train_state, model=exp.model, tx=exp.tx,
-                              image_size=exp.image_size)
-  abstract = jax.eval_shape(init_fn, jax.random.key(0))
-  abstract = jax.tree.map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
-      sharding.state_shardings(abstract, mesh, config.get('sharding', 'replicate')))
-  state, _ = checkpointing.restore(manager, abstract, step)
+  mode = config.get('sharding', 'replicate')
+  state, _ = restore_state(manager, step, exp, _abstract_state(exp, exp.layout, mesh, mode),
+                           mesh, mode)
   return exp, state, step

@@ -5,7 +5,9 @@ Systems (`--systems`, comma separated, each `name[:key=value[,key=value]]`):
                 label smoothing); eval is `model.infer` (micro-batched on
                 CPU). Options are `create_model` keywords, e.g. `ours:remat=1`,
                 `ours:scan_blocks=1`, `ours:bn_impl=flax`, and `infer_chunk=N`
-                (images per inference micro-batch, 0: whole batch).
+                (images per inference micro-batch, 0: whole batch), and
+                `state_layout=flat|per_leaf` (optimizer slots and EMA; default
+                flat, as train.py on one device).
   keras_jax     Keras 3 `keras.applications` EfficientNet on the JAX backend.
   keras_tf      ... on the TensorFlow backend, TF's own (oneDNN) kernels.
   keras_tf_xla  ... on the TensorFlow backend with `jit_compile=True`.
@@ -184,7 +186,9 @@ class OursRunner(Runner):
     self.info = {'import_rss_mb': round(_rss_mb()), 'device': str(jax.devices()[0]),
                  'matmul_gflops': round(matmul_peak_gflops(), 1)}
     kwargs = {k: _literal(v) for k, v in cfg['options'].items()
-              if k not in ('malloc', 'threads', 'xla', 'infer_chunk')}
+              if k not in ('malloc', 'threads', 'xla', 'infer_chunk', 'state_layout')}
+    # What train.py uses on one device ('auto' -> flat); 'per_leaf' is the sharded runs'.
+    layout = cfg['options'].get('state_layout', 'flat')
     infer_chunk = _literal(cfg['options'].get('infer_chunk', 'auto'))
     if 'dtype' in kwargs:
       kwargs['dtype'] = jnp.dtype(kwargs['dtype'])
@@ -194,8 +198,10 @@ class OursRunner(Runner):
     if 'train' in modes:
       batch = cfg['train_batch']
       tx = optim.make_optimizer(name='rmsprop', learning_rate=0.016 * batch / 256,
-                                weight_decay=1e-5, weight_decay_mask=optim.weight_decay_mask)
-      init = functools.partial(train.create_train_state, model=model, tx=tx, image_size=size)
+                                weight_decay=1e-5, weight_decay_mask=optim.weight_decay_mask,
+                                flat=layout == 'flat')
+      init = functools.partial(train.create_train_state, model=model, tx=tx, image_size=size,
+                               layout=layout)
       if cfg.get('compile_only'):  # shapes suffice; B7's state alone is ~1 GB
         state = jax.eval_shape(init, jax.random.key(0))
       else:

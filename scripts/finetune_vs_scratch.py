@@ -57,9 +57,6 @@ def run(name, *, model, pretrained, lr, freeze_blocks, data, args):
                             weight_decay_mask=optim.weight_decay_mask)
   state = train.create_train_state(jax.random.key(args.seed), model=model, tx=tx,
                                    image_size=args.size)
-  # Outside jit, params and EMA share buffers, which the donating train step
-  # refuses (jitting the init instead takes minutes to compile on CPU).
-  state = dict(state, ema=jax.tree.map(jnp.copy, state['ema']))
   copied = 0
   if freeze_blocks:
     tx = finetune.freeze(tx, finetune.freeze_mask(state['params'], model.spec, freeze_blocks))

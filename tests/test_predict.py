@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from efficientnet_jax import predict
+from efficientnet_jax import state_layout
 from efficientnet_jax.weights import pytorch
 from efficientnet_jax.weights.safetensors_format import save_safetensors
 
@@ -147,7 +148,8 @@ def test_weights_from_a_training_workdir(tmp_path, capsys):
   assert step == 2 and module.num_classes == 10
   x = predict.normalize(predict.load_image(image, module.spec.eval_resolution)[None],
                         module.spec.normalization)
-  expected = np.asarray(jax.nn.softmax(module.apply(state['ema'], x, train=False)))[0]
+  expected = np.asarray(jax.nn.softmax(module.apply(state_layout.ema_variables(state), x,
+                                                    train=False)))[0]
   np.testing.assert_allclose([i['prob'] for i in top],
                              expected[[i['index'] for i in top]], atol=1e-5)
   # --step and --raw pick another checkpoint's raw weights.
