@@ -267,7 +267,7 @@ class Inspector:
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     shapes = jax.eval_shape(
         lambda key: trainer.create_train_state(key, model=exp.model, tx=exp.tx,
-                                               image_size=exp.image_size),
+                                               image_size=exp.image_size, layout=exp.layout),
         jax.random.key(0))
     self._abstract = jax.tree.map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), shapes)
