@@ -220,6 +220,8 @@ class OursRunner(Runner):
       self.info['train_compile_cpu_s'] = round(time.process_time() - cpu, 1)
       self.flops['train'] = _cost_flops(compiled)
       self.info['train_xla_memory_mb'] = _xla_memory_mb(compiled)
+      # Kernels XLA compiles one by one (loop and library fusions): compile time follows them.
+      self.info['train_kernels'] = compiled.as_text().count(' fusion(')
       self._train = [compiled, state, data, jax.random.key(1)]
     if 'eval' in modes:
       batch = cfg['eval_batch']
