@@ -97,7 +97,7 @@ class EfficientNet(nn.Module):
                          name=f'stage_{stage}_repeats')(
             x, None if masks is None or not _drops(run[0]) else masks[first:last + 1])
       # An endpoint is the last block before a stride change (or the last block).
-      nxt = run[-1].index + 1
+      nxt = last + 1
       if nxt == len(blocks) or blocks[nxt].stride > 1:
         reduction += 1
         endpoints[f'reduction_{reduction}'] = x
@@ -120,7 +120,7 @@ class EfficientNet(nn.Module):
 
     One uniform draw for the whole network instead of a key and a Bernoulli
     draw per block: on XLA:CPU each draw is its own handful of threefry kernels
-    (a while loop each), ~1 s of a B0 train step's compile. A block's rows are
+    (a while loop each), and compile time follows the kernel count. A block's rows are
     0 w.p. its drop rate, else 1 / (1 - rate), as `nn.Dropout(rate,
     broadcast_dims=(1, 2, 3))` would draw them. Drawn outside the blocks, so a
     rematerialised block (remat.py) and a scanned stage see the same masks.

@@ -31,6 +31,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
 
 LAYOUTS = ('auto', 'flat', 'per_leaf')
 # What checkpoints saved before layouts existed hold.
@@ -51,26 +52,18 @@ def resolve(layout: str, *, sharding: str, mesh_model: int) -> str:
   return layout
 
 
-# Jitted: applied eagerly to a B0 state, its ~300 reshapes and slices would each
-# compile their own tiny program.
+# Both jitted: applied eagerly to a B0 state, their ~300 reshapes and slices
+# would each compile their own tiny program. The state's leaves are all float32.
 @jax.jit
 def ravel(tree: Any) -> jax.Array:
-  """All leaves of `tree`, flattened in `jax.tree.leaves` order, as one float32 vector."""
-  return jnp.concatenate([jnp.ravel(x).astype(jnp.float32) for x in jax.tree.leaves(tree)])
+  """All leaves of `tree`, flattened in `jax.tree.leaves` order, as one vector."""
+  return ravel_pytree(tree)[0]
 
 
+@jax.jit
 def unravel(vector: jax.Array, like: Any) -> Any:
-  """The inverse of `ravel`: `vector` cut into arrays shaped (and typed) like `like`'s leaves."""
-  leaves, treedef = jax.tree.flatten(like)
-  sizes = [math.prod(x.shape) for x in leaves]
-  if vector.shape != (sum(sizes),):
-    raise ValueError(f'a vector of shape {vector.shape} cannot be unravelled into '
-                     f'{len(leaves)} leaves of {sum(sizes)} elements')
-  out, start = [], 0
-  for x, size in zip(leaves, sizes):
-    out.append(vector[start:start + size].reshape(x.shape).astype(x.dtype))
-    start += size
-  return jax.tree.unflatten(treedef, out)
+  """The inverse of `ravel`: `vector` cut into arrays shaped like `like`'s leaves."""
+  return ravel_pytree(like)[1](vector)
 
 
 def init_ema(params: Any, batch_stats: Any, layout: str) -> Any:
@@ -97,10 +90,7 @@ def ema_variables(state: dict) -> dict:
   ema = state['ema']
   if not is_flat_ema(ema):
     return ema
-  return _unravel_jit(ema, {'params': state['params'], 'batch_stats': state['batch_stats']})
-
-
-_unravel_jit = jax.jit(unravel)
+  return unravel(ema, {'params': state['params'], 'batch_stats': state['batch_stats']})
 
 
 def relayout(source: Any, target: Any) -> Any:

@@ -245,12 +245,16 @@ def _stage_meta(meta: dict, plan: progressive.StagePlan, step: int) -> dict:
   return {**meta, 'stage': stage.index, 'image_size': stage.image_size}
 
 
-def _abstract_state(exp: Experiment, layout: str, mesh, mode: str):
-  """The train state's shapes in `layout`, each with its sharding under `mode`."""
-  init_fn = functools.partial(create_train_state, model=exp.model,
-                              tx=exp.make_tx(layout == 'flat'), image_size=exp.image_size,
-                              layout=layout)
-  abstract = jax.eval_shape(init_fn, jax.random.key(0))
+def state_init_fn(exp: Experiment, layout: str):
+  """key -> the experiment's fresh train state, in `layout` ('flat' or 'per_leaf')."""
+  tx = exp.tx if layout == exp.layout else exp.make_tx(layout == 'flat')
+  return functools.partial(create_train_state, model=exp.model, tx=tx,
+                           image_size=exp.image_size, layout=layout)
+
+
+def abstract_state(exp: Experiment, layout: str, mesh, mode: str):
+  """The train state's shapes in `layout`, each with its sharding on `mesh` under `mode`."""
+  abstract = jax.eval_shape(state_init_fn(exp, layout), jax.random.key(0))
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                       abstract, sharding.state_shardings(abstract, mesh, mode))
 
@@ -268,7 +272,7 @@ def restore_state(manager, step: int, exp: Experiment, abstract, mesh, mode: str
   if saved not in state_layout.LAYOUTS:
     raise ValueError(f'checkpoint step {step} has state_layout={saved!r}; this code knows '
                      f'{", ".join(state_layout.LAYOUTS[1:])}')
-  state, meta = checkpointing.restore(manager, _abstract_state(exp, saved, mesh, mode), step)
+  state, meta = checkpointing.restore(manager, abstract_state(exp, saved, mesh, mode), step)
   convert = jax.jit(lambda s: state_layout.relayout(s, abstract),
                     out_shardings=jax.tree.map(lambda a: a.sharding, abstract))
   return convert(state), meta
@@ -308,12 +312,11 @@ def run(config, workdir: str, devices=None) -> dict:
   init_key, train_key = jax.jit(
       lambda: tuple(jax.random.split(jax.random.key(config.seed))),
       out_shardings=replicated)()
-  init_fn = functools.partial(create_train_state, model=exp.model, tx=exp.tx,
-                              image_size=exp.image_size, layout=exp.layout)
+  init_fn = state_init_fn(exp, exp.layout)
   # Placed by the sharding rules from shapes alone: the state is created on its
   # shards, never whole on one device first.
   mode = config.get('sharding', 'replicate')
-  abstract = _abstract_state(exp, exp.layout, mesh, mode)
+  abstract = abstract_state(exp, exp.layout, mesh, mode)
   state_sharding = jax.tree.map(lambda a: a.sharding, abstract)
   variables_sharding = {'params': state_sharding['params'],
                         'batch_stats': state_sharding['batch_stats']}
@@ -501,6 +504,6 @@ def load_checkpoint(config, workdir: str, step: int | None = None, mesh=None):
     raise FileNotFoundError(f'no checkpoint in {os.path.abspath(workdir)}/checkpoints')
   check_workdir_matches(manager, exp, workdir)
   mode = config.get('sharding', 'replicate')
-  state, _ = restore_state(manager, step, exp, _abstract_state(exp, exp.layout, mesh, mode),
+  state, _ = restore_state(manager, step, exp, abstract_state(exp, exp.layout, mesh, mode),
                            mesh, mode)
   return exp, state, step

@@ -263,14 +263,10 @@ class Inspector:
     from efficientnet_jax import train as trainer  # pylint: disable=g-import-not-at-top
     self._jax, self._ckpt = jax, checkpointing
     self._lock = threading.Lock()
+    from efficientnet_jax import sharding  # pylint: disable=g-import-not-at-top
     exp = trainer.build_experiment(config_from(fields), device_count=1)
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    shapes = jax.eval_shape(
-        lambda key: trainer.create_train_state(key, model=exp.model, tx=exp.tx,
-                                               image_size=exp.image_size, layout=exp.layout),
-        jax.random.key(0))
-    self._abstract = jax.tree.map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), shapes)
+    self._abstract = trainer.abstract_state(exp, exp.layout,
+                                            sharding.make_mesh(jax.devices()[:1]), 'replicate')
 
   def restore(self, workdir: str, step: int):
     """The state at `step` as numpy arrays; raises on a damaged checkpoint."""

@@ -45,7 +45,7 @@ def test_ravel_unravel_round_trip():
   assert jax.tree.structure(back) == jax.tree.structure(tree)
   for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(tree)):
     np.testing.assert_array_equal(a, b)
-  with pytest.raises(ValueError, match='cannot be unravelled'):
+  with pytest.raises(ValueError):  # too short for the tree (restore checks shapes before)
     state_layout.unravel(vector[1:], tree)
 
 
