@@ -25,6 +25,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
+from jax.flatten_util import ravel_pytree
 
 SCHEDULES = ('exponential', 'cosine', 'constant')
 OPTIMIZERS = ('rmsprop', 'sgd', 'adamw')
@@ -210,9 +211,8 @@ def make_optimizer(
   * 'adamw': `optax.adamw` with decoupled decay, which optax multiplies by the
     learning rate (v <- v - lr * (adam_update + wd * v)).
 
-  With `flat`, the stateful core (the moments and traces) runs on one vector of
-  all parameters (`optax.flatten`, see state_layout.py); the weight decay and
-  its mask stay outside it, on the parameter tree. Same updates either way.
+  With `flat`, everything, the weight decay included, runs on one vector of all
+  parameters (`_flat_chain`, see state_layout.py). Same updates either way.
 
   The LR is not kept in the optimizer state; log `learning_rate(step)` from
   the train loop. The schedule is evaluated at optax's own update count, which
@@ -238,32 +238,67 @@ def make_optimizer(
   Raises:
     ValueError: For an unknown optimizer name.
   """
-  core = optax.flatten if flat else (lambda tx: tx)
-  if name == 'rmsprop':
-    return optax.chain(
-        optax.add_decayed_weights(weight_decay, mask=weight_decay_mask),
-        core(optax.rmsprop(
-            learning_rate,
-            decay=rmsprop_decay,
-            eps=rmsprop_eps,
-            initial_scale=1.0,
-            eps_in_sqrt=True,
-            momentum=momentum,
-        )),
-    )
-  if name == 'sgd':
-    return optax.chain(
-        optax.add_decayed_weights(weight_decay, mask=weight_decay_mask),
-        core(optax.sgd(learning_rate, momentum=momentum, nesterov=True)),
-    )
-  if name == 'adamw':
-    # optax.adamw's own chain, with the moments (its only state) in `core`.
-    return optax.chain(
-        core(optax.scale_by_adam(b1=adamw_b1, b2=adamw_b2)),
-        optax.add_decayed_weights(weight_decay, mask=weight_decay_mask),
-        optax.scale_by_learning_rate(learning_rate),
-    )
-  raise ValueError(f'Unknown optimizer {name!r}; expected one of {OPTIMIZERS}.')
+  if name not in OPTIMIZERS:
+    raise ValueError(f'Unknown optimizer {name!r}; expected one of {OPTIMIZERS}.')
+  if name == 'rmsprop':  # coupled L2: the decay comes before the RMS scaling
+    before, after = None, optax.rmsprop(learning_rate, decay=rmsprop_decay, eps=rmsprop_eps,
+                                        initial_scale=1.0, eps_in_sqrt=True, momentum=momentum)
+  elif name == 'sgd':
+    before, after = None, optax.sgd(learning_rate, momentum=momentum, nesterov=True)
+  else:  # adamw, optax.adamw's own chain: decoupled decay after the moments
+    before, after = (optax.scale_by_adam(b1=adamw_b1, b2=adamw_b2),
+                     optax.scale_by_learning_rate(learning_rate))
+  if flat:
+    return _flat_chain(before, weight_decay, weight_decay_mask, after)
+  decay = optax.add_decayed_weights(weight_decay, mask=weight_decay_mask)
+  return optax.chain(*[t for t in (before, decay, after) if t is not None])
+
+
+def _flat_chain(before: optax.GradientTransformation | None, weight_decay: float,
+                mask: Any, after: optax.GradientTransformation | None
+                ) -> optax.GradientTransformation:
+  """`chain(before, add_decayed_weights(weight_decay, mask), after)` on one flat vector.
+
+  The gradients, parameters and every slot are concatenated into one vector
+  each (`jax.tree.leaves` order, as `optax.flatten`); the decay is added there
+  too, with the leaf mask spread over the vector. Same updates as the chain on
+  the tree, and the same state structure as `chain(optax.flatten(before),
+  decay, optax.flatten(after))`. Doing the decay leaf by leaf instead costs
+  XLA:CPU one compiled kernel per decayed leaf (118 in B0's train step).
+  """
+  before = None if before is None else optax.with_extra_args_support(before)
+  after = None if after is None else optax.with_extra_args_support(after)
+  tree_decay = optax.add_decayed_weights(weight_decay, mask=mask)
+
+  def decayed_vector(params):
+    keep = mask(params) if callable(mask) else mask
+    if keep is None:
+      return ravel_pytree(params)[0]
+    return ravel_pytree(jax.tree.map(lambda p, k: p if k else jnp.zeros_like(p),
+                                     params, keep))[0]
+
+  def init_fn(params):
+    vector = ravel_pytree(params)[0]
+    return tuple([before.init(vector)] if before else []) + (tree_decay.init(params),) + (
+        tuple([after.init(vector)] if after else []))
+
+  def update_fn(updates, state, params=None, **extra_args):
+    if params is None:
+      raise ValueError('weight decay needs the params: pass them to tx.update')
+    vector, unravel = ravel_pytree(updates)
+    params_vector = ravel_pytree(params)[0]
+    state, new_state = list(state), []
+    if before:
+      vector, inner = before.update(vector, state.pop(0), params_vector, **extra_args)
+      new_state.append(inner)
+    vector = vector + weight_decay * decayed_vector(params)
+    new_state.append(state.pop(0))  # the decay's (empty) state
+    if after:
+      vector, inner = after.update(vector, state.pop(0), params_vector, **extra_args)
+      new_state.append(inner)
+    return unravel(vector), tuple(new_state)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def ema_decay(step: jax.typing.ArrayLike, max_decay: float) -> jax.Array:

@@ -6,6 +6,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from efficientnet_jax import architectures
@@ -70,6 +71,21 @@ def test_flat_optimizer_gives_the_per_leaf_updates(name):
   converted = state_layout.relayout(states[False], flat_abstract)
   for a, b in zip(jax.tree.leaves(converted), jax.tree.leaves(states[True])):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
+
+
+def test_flat_state_keeps_the_structure_checkpoints_were_saved_with():
+  # Before the decay moved onto the vector, 'flat' was chain(decay, optax.flatten(rmsprop)).
+  params = _tree(jax.random.key(1))
+  tx = optim.make_optimizer(name='rmsprop', learning_rate=0.01, weight_decay=1e-2,
+                            weight_decay_mask=optim.weight_decay_mask, flat=True)
+  before = optax.chain(
+      optax.add_decayed_weights(1e-2, mask=optim.weight_decay_mask),
+      optax.flatten(optax.rmsprop(0.01, decay=0.9, eps=1e-3, initial_scale=1.0,
+                                  eps_in_sqrt=True, momentum=0.9)))
+  ours, theirs = tx.init(params), before.init(params)
+  assert jax.tree.structure(ours) == jax.tree.structure(theirs)
+  for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
+    assert a.shape == b.shape
 
 
 def _tiny_model():
