@@ -156,10 +156,13 @@ def resolve_depthwise_impl(impl: str) -> str:
   return _resolve_impl('depthwise', impl, DEPTHWISE_IMPLS, cpu='shifted', native='grouped')
 
 
-def _shifted_forward(x, kernel, stride: int, pads):
-  """sum over the k*k taps of a strided slice of the padded `x` times that tap's weights."""
+def _pad_hw(x, pads):
+  return jnp.pad(x, ((0, 0), tuple(pads[0]), tuple(pads[1]), (0, 0)))
+
+
+def _shifted_forward(x, kernel, stride: int):
+  """sum over the k*k taps of a strided slice of the (padded) `x` times that tap's weights."""
   k = kernel.shape[0]
-  x = jnp.pad(x, ((0, 0), tuple(pads[0]), tuple(pads[1]), (0, 0)))
   out_h = (x.shape[1] - k) // stride + 1
   out_w = (x.shape[2] - k) // stride + 1
   out = None
@@ -180,39 +183,42 @@ def _tap(x, i: int, j: int, stride: int, out_h: int, out_w: int):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _shifted(x, kernel, stride: int, pads):
-  return _shifted_forward(x, kernel, stride, pads)
+  return _shifted_forward(_pad_hw(x, pads), kernel, stride)
 
 
 def _shifted_fwd(x, kernel, stride, pads):
-  # Keep only x and the kernel: autodiff of the forward would save all k*k
-  # strided taps (k*k times the block's widest activation) for the backward.
-  return _shifted_forward(x, kernel, stride, pads), (x, kernel)
+  # Keep only the padded x and the kernel: autodiff of the forward would save
+  # all k*k strided taps (k*k times the block's widest activation). The padded
+  # x, not x: the weight gradient reads it again, and padding twice cost a
+  # kernel and a pass over the activation per block.
+  x_pad = _pad_hw(x, pads)
+  return _shifted_forward(x_pad, kernel, stride), (x_pad, kernel)
 
 
 def _shifted_bwd(stride, pads, residuals, g):
-  x, kernel = residuals
+  x_pad, kernel = residuals
   k = kernel.shape[0]
-  (top, _), (left, _) = pads
+  (top, bottom), (left, right) = pads
+  in_h, in_w = x_pad.shape[1] - top - bottom, x_pad.shape[2] - left - right
   out_h, out_w = g.shape[1], g.shape[2]
   # d/dx is a stride-1 depthwise conv of g, dilated by the stride and padded so
   # that the flipped kernel lands every tap back on the input pixel it read.
   lo_h, lo_w = k - 1 - top, k - 1 - left
-  hi_h = x.shape[1] + k - 1 - lo_h - ((out_h - 1) * stride + 1)
-  hi_w = x.shape[2] + k - 1 - lo_w - ((out_w - 1) * stride + 1)
+  hi_h = in_h + k - 1 - lo_h - ((out_h - 1) * stride + 1)
+  hi_w = in_w + k - 1 - lo_w - ((out_w - 1) * stride + 1)
   g_pad = jax.lax.pad(g, jnp.zeros((), g.dtype),
                       ((0, 0, 0), (lo_h, hi_h, stride - 1), (lo_w, hi_w, stride - 1), (0, 0, 0)))
-  dx = _shifted_forward(g_pad, kernel[::-1, ::-1], 1, ((0, 0), (0, 0)))
+  dx = _shifted_forward(g_pad, kernel[::-1, ::-1], 1)
   # d/dkernel[i, j] = sum over batch and pixels of tap(i, j) * g, summed over
   # chunks of 2 images (a scan) so a chunk's taps stay in cache. Measured on
   # XLA:CPU for B0's layers at batch 32, this is ~3x faster than k*k batched
   # reductions, and chunks of 2 beat 1, 4 and 8.
-  x_pad = jnp.pad(x, ((0, 0), tuple(pads[0]), tuple(pads[1]), (0, 0)))
-  chunk = 2 if x.shape[0] % 2 == 0 else 1
-  x_pad = x_pad.reshape((-1, chunk) + x_pad.shape[1:])
-  g_chunks = g.reshape((-1, chunk) + g.shape[1:])
+  chunk = 2 if x_pad.shape[0] % 2 == 0 else 1
 
-  def one_chunk(acc, xg):
-    xb, gb = xg
+  def one_chunk(n, acc):
+    # Sliced from x_pad itself (not a reshaped copy), so XLA pads x once.
+    xb = jax.lax.dynamic_slice_in_dim(x_pad, n * chunk, chunk)
+    gb = jax.lax.dynamic_slice_in_dim(g, n * chunk, chunk)
     products = tuple(_tap(xb, i, j, stride, out_h, out_w) * gb for i in range(k) for j in range(k))
     if stride == 1:
       # One variadic reduce: a single pass accumulates all k*k sums (XLA
@@ -221,11 +227,11 @@ def _shifted_bwd(stride, pads, residuals, g):
                             lambda a, b: tuple(u + v for u, v in zip(a, b)), (0, 1, 2))
     else:  # strided taps make the variadic loop ~3x slower than separate reduces
       sums = [jnp.sum(p, axis=(0, 1, 2)) for p in products]
-    return acc + jnp.stack(sums).astype(acc.dtype), None
+    return acc + jnp.stack(sums).astype(acc.dtype)
 
-  acc = jnp.zeros((k * k, x.shape[-1]), jnp.promote_types(x.dtype, jnp.float32))
-  dk, _ = jax.lax.scan(one_chunk, acc, (x_pad, g_chunks))
-  return dx.astype(x.dtype), dk.reshape(kernel.shape).astype(kernel.dtype)
+  acc = jnp.zeros((k * k, x_pad.shape[-1]), jnp.promote_types(x_pad.dtype, jnp.float32))
+  dk = jax.lax.fori_loop(0, x_pad.shape[0] // chunk, one_chunk, acc)
+  return dx.astype(x_pad.dtype), dk.reshape(kernel.shape).astype(kernel.dtype)
 
 
 _shifted.defvjp(_shifted_fwd, _shifted_bwd)
@@ -402,6 +408,24 @@ def batch_norm_act(x, train: bool, *, momentum: float, epsilon: float, dtype: Dt
   return x if train else _activate(x, act)
 
 
+class _PoolConv(nn.Module):
+  """A 1x1 conv with bias on a pooled [batch, channels] vector, with nn.Conv's parameters.
+
+  Written as a dot: on the 1x1 image a conv's backward makes XLA copy a
+  transposed kernel for every SE layer, a dot contracts the kernel as it lies.
+  """
+  features: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, s):
+    kernel = self.param('kernel', conv_kernel_init(), (1, 1, s.shape[-1], self.features),
+                        jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros_init(), (self.features,), jnp.float32)
+    s, kernel, bias = s.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype)
+    return jnp.dot(s, kernel[0, 0]) + bias
+
+
 class SqueezeExcite(nn.Module):
   """Global pool -> 1x1 reduce (bias) -> act -> 1x1 expand (bias) -> sigmoid gate."""
   se_ch: int
@@ -410,13 +434,11 @@ class SqueezeExcite(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    s = jnp.mean(x, axis=(1, 2), keepdims=True)
-    s = nn.Conv(self.se_ch, (1, 1), dtype=self.dtype, kernel_init=conv_kernel_init(),
-                name='reduce')(s)
+    s = jnp.mean(x, axis=(1, 2))
+    s = _PoolConv(self.se_ch, self.dtype, name='reduce')(s)
     s = activation_fn(self.activation)(s)
-    s = nn.Conv(x.shape[-1], (1, 1), dtype=self.dtype, kernel_init=conv_kernel_init(),
-                name='expand')(s)
-    return x * nn.sigmoid(s)
+    s = _PoolConv(x.shape[-1], self.dtype, name='expand')(s)
+    return x * nn.sigmoid(s)[:, None, None, :]
 
 
 class MBConv(nn.Module):

@@ -20,7 +20,9 @@ import pytest
 from efficientnet_jax import architectures
 from efficientnet_jax import cpu_tuning
 from efficientnet_jax import layers
+from efficientnet_jax import optim
 from efficientnet_jax import remat as remat_lib
+from efficientnet_jax import train
 from efficientnet_jax.model import create_model, infer, resolve_infer_chunk
 from efficientnet_jax.model import stack_block_variables, unstack_block_variables
 
@@ -62,7 +64,7 @@ def _assert_close(actual, expected, rtol=RTOL):
 
 def _shifted_autodiff(x, kernel, stride, pads):
   """The shifted forward differentiated by JAX (what 'shifted' was before its custom VJP)."""
-  return layers._shifted_forward(x, kernel, stride, tuple(map(tuple, pads)))
+  return layers._shifted_forward(layers._pad_hw(x, pads), kernel, stride)
 
 
 @pytest.mark.parametrize('kernel,stride,size,padding', [
@@ -216,6 +218,32 @@ def test_cpu_defaults_match_reference_paths(name):
   _assert_close(loss_f, loss_r)
   _assert_close(stats_f, stats_r)
   _assert_close(grads_f, grads_r)
+
+
+def test_cpu_train_opt_level_compiles_the_same_train_step():
+  # LLVM -O1 (train.py's CPU default) against XLA's -O3: the same state after two steps.
+  spec = _tiny('b0')
+  model = create_model(spec, num_classes=10)
+  tx = optim.make_optimizer(name='rmsprop', learning_rate=0.01, weight_decay=1e-5,
+                            weight_decay_mask=optim.weight_decay_mask, flat=True)
+  state = jax.jit(functools.partial(train.create_train_state, model=model, tx=tx, image_size=32,
+                                    layout='flat'))(jax.random.key(0))
+  batch = {'image': jax.random.normal(jax.random.key(1), (4, 32, 32, 3)),
+           'label': jax.nn.one_hot(jnp.arange(4) % 10, 10)}
+  step = functools.partial(train.train_step, model=model, tx=tx, ema_decay=0.99,
+                           label_smoothing=0.1)
+  options = cpu_tuning.train_compiler_options('cpu')
+  assert options == {'xla_backend_optimization_level': cpu_tuning.CPU_TRAIN_OPT_LEVEL}
+  assert cpu_tuning.train_compiler_options('gpu') is None
+  with pytest.raises(ValueError, match=r'cpu_train_opt_level=5; accepted: \(0, 1, 2, 3\)'):
+    cpu_tuning.train_compiler_options('cpu', 5)
+  states = []
+  for opts in (options, {'xla_backend_optimization_level': 3}):
+    jitted, s = jax.jit(step, compiler_options=opts), state
+    for i in range(2):
+      s, _ = jitted(s, batch, jax.random.key(i))
+    states.append(s)
+  _assert_close(states[0], states[1])
 
 
 def test_remat_matches_default():
