@@ -59,6 +59,10 @@ def get_config(arg=None):
   # compiles) or shaped like each param ('per_leaf': what sharding needs).
   # 'auto': flat when replicated on a 1-D mesh. efficientnet_jax/state_layout.py.
   config.state_layout = 'auto'
+  # LLVM optimisation level of the train step when it compiles for CPU (XLA's
+  # default: 3). 1 compiles B0's step ~12% faster at the same step time
+  # (efficientnet_jax/cpu_tuning.py). Accelerators ignore it.
+  config.cpu_train_opt_level = 1
 
   # EfficientNetV2 progressive learning (efficientnet_jax/progressive.py): image
   # size and regularisation grow stage by stage; each stage has its own input

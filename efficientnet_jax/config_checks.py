@@ -15,6 +15,7 @@ from typing import Any, Mapping
 
 from efficientnet_jax import layers
 from efficientnet_jax import optim
+from efficientnet_jax import cpu_tuning
 from efficientnet_jax import state_layout
 from efficientnet_jax.data import augment
 
@@ -140,6 +141,10 @@ def check_config(config) -> None:
     _one_of(config, 'sharding', SHARDINGS)
   if _has(config, 'state_layout'):  # 'flat' with a sharded state: state_layout.resolve
     _one_of(config, 'state_layout', state_layout.LAYOUTS)
+  if _has(config, 'cpu_train_opt_level'):
+    value = _get(config, 'cpu_train_opt_level')
+    if isinstance(value, bool) or value not in cpu_tuning.OPT_LEVELS:
+      _fail('cpu_train_opt_level', value, '0, 1, 2 or 3 (an LLVM optimisation level)')
   if _has(config, 'mesh_model'):  # dividing the device count: sharding.make_mesh
     value = _get(config, 'mesh_model')
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -29,6 +29,7 @@ from efficientnet_jax import architectures
 from efficientnet_jax import checkpointing
 from efficientnet_jax import finetune
 from efficientnet_jax import config_checks
+from efficientnet_jax import cpu_tuning
 from efficientnet_jax import optim
 from efficientnet_jax import progressive
 from efficientnet_jax import sharding
@@ -329,7 +330,9 @@ def run(config, workdir: str, devices=None) -> dict:
         functools.partial(train_step, model=model, tx=exp.tx, ema_decay=config.ema_decay,
                           label_smoothing=config.label_smoothing),
         in_shardings=(state_sharding, batch_sharding, replicated),
-        out_shardings=(state_sharding, replicated), donate_argnums=0)
+        out_shardings=(state_sharding, replicated), donate_argnums=0,
+        compiler_options=cpu_tuning.train_compiler_options(
+            mesh.devices.flat[0].platform, config.get('cpu_train_opt_level', 3)))
 
   def make_batches(stage, begin_step):
     return input_pipeline.make_train_iterator(

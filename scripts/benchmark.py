@@ -7,7 +7,8 @@ Systems (`--systems`, comma separated, each `name[:key=value[,key=value]]`):
                 `ours:scan_blocks=1`, `ours:bn_impl=flax`, and `infer_chunk=N`
                 (images per inference micro-batch, 0: whole batch), and
                 `state_layout=flat|per_leaf` (optimizer slots and EMA; default
-                flat, as train.py on one device).
+                flat, as train.py on one device), and `cpu_train_opt_level=N`
+                (LLVM level of the train step on CPU; default 1, as train.py).
   keras_jax     Keras 3 `keras.applications` EfficientNet on the JAX backend.
   keras_tf      ... on the TensorFlow backend, TF's own (oneDNN) kernels.
   keras_tf_xla  ... on the TensorFlow backend with `jit_compile=True`.
@@ -186,10 +187,15 @@ class OursRunner(Runner):
     self.info = {'import_rss_mb': round(_rss_mb()), 'device': str(jax.devices()[0]),
                  'matmul_gflops': round(matmul_peak_gflops(), 1)}
     kwargs = {k: _literal(v) for k, v in cfg['options'].items()
-              if k not in ('malloc', 'threads', 'xla', 'infer_chunk', 'state_layout')}
+              if k not in ('malloc', 'threads', 'xla', 'infer_chunk', 'state_layout',
+                           'cpu_train_opt_level')}
     # What train.py uses on one device ('auto' -> flat); 'per_leaf' is the sharded runs'.
     layout = cfg['options'].get('state_layout', 'flat')
     infer_chunk = _literal(cfg['options'].get('infer_chunk', 'auto'))
+    # What train.py compiles the step with (config.cpu_train_opt_level).
+    compiler_options = cpu_tuning.train_compiler_options(
+        jax.default_backend(),
+        _literal(cfg['options'].get('cpu_train_opt_level', str(cpu_tuning.CPU_TRAIN_OPT_LEVEL))))
     if 'dtype' in kwargs:
       kwargs['dtype'] = jnp.dtype(kwargs['dtype'])
     model = create_model(cfg['model'], num_classes=1000, **kwargs)
@@ -212,7 +218,8 @@ class OursRunner(Runner):
         data = {'image': jnp.asarray(_images(rng, batch, size, -2, 2)),
                 'label': jnp.asarray(_labels(batch, 1000))}
       step = jax.jit(functools.partial(train.train_step, model=model, tx=tx, ema_decay=0.9999,
-                                       label_smoothing=0.1), donate_argnums=0)
+                                       label_smoothing=0.1), donate_argnums=0,
+                     compiler_options=compiler_options)
       lowered = step.lower(state, data, jax.random.key(1))
       start, cpu = time.perf_counter(), time.process_time()
       compiled = lowered.compile()

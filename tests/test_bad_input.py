@@ -76,6 +76,8 @@ def _snapshot(path):
     ({'model.padding': 'valid'}, r"^model\.padding='valid'; accepted: same, symmetric$"),
     (dict(dtype='float16'), r"^dtype='float16'; accepted: float32, bfloat16$"),
     (dict(sharding='zero3'), r"^sharding='zero3'; accepted: replicate, fsdp$"),
+    (dict(cpu_train_opt_level=4), r"^cpu_train_opt_level=4; accepted: 0, 1, 2 or 3 "),
+    (dict(cpu_train_opt_level=True), r"^cpu_train_opt_level=True; accepted: 0, 1, 2 or 3 "),
 ])
 def test_bad_config_is_one_line_naming_the_field(data_root, tmp_path, overrides, message):
   workdir = tmp_path / 'w'
