@@ -210,7 +210,7 @@ def _shifted_bwd(stride, pads, residuals, g):
                       ((0, 0, 0), (lo_h, hi_h, stride - 1), (lo_w, hi_w, stride - 1), (0, 0, 0)))
   dx = _shifted_forward(g_pad, kernel[::-1, ::-1], 1)
   # d/dkernel[i, j] = sum over batch and pixels of tap(i, j) * g, summed over
-  # chunks of 2 images (a scan) so a chunk's taps stay in cache. Measured on
+  # chunks of 2 images (a loop) so a chunk's taps stay in cache. Measured on
   # XLA:CPU for B0's layers at batch 32, this is ~3x faster than k*k batched
   # reductions, and chunks of 2 beat 1, 4 and 8.
   chunk = 2 if x_pad.shape[0] % 2 == 0 else 1
