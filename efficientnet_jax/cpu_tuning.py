@@ -59,8 +59,8 @@ def tune_malloc() -> bool:
 
 # LLVM optimisation level of the train step on CPU, where XLA's default is 3.
 # Compiling is ~one LLVM pipeline per fused kernel (1,410 in B0's step); -O1
-# cut B0's step compile (224 px, batch 32) from 10.14 s to 8.92 s at 17.98
-# train img/s against 17.94 (2-core Xeon, 2026-11-26; README "Compile time").
+# cut B0's step compile (224 px, batch 32) by 0.5-1.2 s, to 8.9-9.5 s, at the
+# same step time (2-core Xeon, 2026-11-26; README, Performance).
 CPU_TRAIN_OPT_LEVEL = 1
 OPT_LEVELS = (0, 1, 2, 3)
 

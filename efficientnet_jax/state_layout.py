@@ -5,15 +5,15 @@ Adam's moments) and every EMA shadow is an array shaped like its parameter.
 The sharding rules split them like their parameter, so 'fsdp' and a 2-D mesh
 need this layout.
 
-'flat': the optimizer's stateful core runs on all parameters concatenated into
-one vector (`optax.flatten`), and the EMA of {params, batch_stats} is one
-vector too. The math is the same; what changes is the number of kernels. XLA
+'flat': the optimizer, weight decay included, runs on all parameters
+concatenated into one vector (`optim._flat_chain`), and the EMA of
+{params, batch_stats} is one vector too. The math is the same; what changes is the number of kernels. XLA
 gives each output array its own kernel, and XLA:CPU does not merge the
 per-leaf ones, so per-leaf updates cost four kernels per parameter (moment,
 trace, parameter, EMA), and compile time goes with the kernel count. Flat, the
 slots and the EMA are a handful of large kernels; only the parameters, which
 the model needs as separate arrays, keep one kernel each. A B0 train step
-drops from 2,350 kernels to 1,616 and its compile from 14.1 s to 11.7 s on the
+drops from 2,225 kernels to 1,410 and its compile from 12.1 s to 9.5 s on the
 2-core benchmark machine, at the same step time (README, Performance). On
 GPU/TPU the per-leaf kernels are fused horizontally, so there the choice
 changes little either way.

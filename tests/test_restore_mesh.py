@@ -29,7 +29,11 @@ def test_restore_8_to_4_to_1_devices_continues_the_same_run(data_root, tmp_path)
   assert step_a == step_b == 4
   # Other device counts sum the gradients in another order (~1e-7 relative);
   # RMSProp's second moment holds squared (here large) gradients, so those
-  # differences show at ~1e-4 there while the params agree to 1e-5.
-  worst = state_compare.assert_states_close(b, a, rtols={'opt_state': 1e-3})
+  # differences show at ~1e-4 there while the params agree to 1e-5. A BN mean
+  # sums activations of order 1 that cancel to a few hundredths, so its rounding
+  # follows those: up to 1.6e-5 of the mean's own largest value (as test_mesh2d's
+  # 3e-5 for the gradient sums in the optimizer state).
+  worst = state_compare.assert_states_close(b, a, rtols={'opt_state': 1e-3},
+                                            bounds={'batch_stats': 3e-5})
   print('largest |moved - straight| / max|straight| per group: ' + state_compare.describe(worst))
 
