@@ -28,14 +28,11 @@ def test_restore_8_to_4_to_1_devices_continues_the_same_run(data_root, tmp_path)
   step_b, b = _state(_config(data_root), moved)
   assert step_a == step_b == 4
   # Other device counts sum the gradients in another order (~1e-7 relative), and
-  # four steps through BN over 8 images amplify that; the params agree to 1e-5.
-  # RMSProp's second moment holds squared (here large) gradients: ~1e-4 there.
-  # The momentum trace is what moved the params, lr (5e-4) times the scaled
-  # gradient, so its error is the params' absolute error, up to 2e-3 of its own
-  # small scale in `make test` runs (5e-3 allowed; a lost update is off by 1).
-  # A BN mean sums activations of order 1 that cancel to a few hundredths, so
-  # its rounding follows those: up to 1.6e-5 of the mean's own largest value.
-  worst = state_compare.assert_states_close(b, a, rtols={'opt_state': 1e-3},
-                                            bounds={'batch_stats': 3e-5, 'opt_state': 5e-3})
+  # four steps through BN over 8 images amplify that. RMSProp's second moment
+  # holds squared (here large) gradients: ~1e-4 relative there. Leaves that only
+  # the updates moved (BN biases from 0, the momentum trace, BN means of a few
+  # hundredths) are small, so their error is absolute: up to 3.8e-6 in `make
+  # test` runs. The floor of 2e-5 stays 25x below one step's change (lr 5e-4).
+  worst = state_compare.assert_states_close(b, a, rtols={'opt_state': 1e-3}, atol_floor=2e-5)
   print('largest |moved - straight| / max|straight| per group: ' + state_compare.describe(worst))
 
