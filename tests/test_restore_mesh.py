@@ -28,11 +28,16 @@ def test_restore_8_to_4_to_1_devices_continues_the_same_run(data_root, tmp_path)
   step_b, b = _state(_config(data_root), moved)
   assert step_a == step_b == 4
   # Other device counts sum the gradients in another order (~1e-7 relative), and
-  # four steps through BN over 8 images amplify that. RMSProp's second moment
-  # holds squared (here large) gradients: ~1e-4 relative there. Leaves that only
-  # the updates moved (BN biases from 0, the momentum trace, BN means of a few
-  # hundredths) are small, so their error is absolute: up to 3.8e-6 in `make
-  # test` runs. The floor of 2e-5 stays 25x below one step's change (lr 5e-4).
-  worst = state_compare.assert_states_close(b, a, rtols={'opt_state': 1e-3}, atol_floor=2e-5)
+  # four steps through BN over 8 images amplify that. Under `make test`'s
+  # parallel load the multi-device runs also vary from run to run: up to 3.5e-5
+  # of a leaf's scale (a BN variance), and 3.8e-6 absolute in leaves only the
+  # updates moved (BN biases from 0, the momentum trace). Run alone the test
+  # repeats its numbers exactly. Bounds: 2e-4 of the scale and 2e-5 absolute.
+  # What this test is for, a resumed run that lost or repeated state (a reset
+  # second moment, a stale EMA, a BN statistic from another step), is off by
+  # 1e-2 or more; `step` must match exactly.
+  worst = state_compare.assert_states_close(
+      b, a, rtols={'opt_state': 1e-3}, atol_floor=2e-5,
+      bounds={'params': 2e-4, 'batch_stats': 2e-4, 'ema': 2e-4, 'opt_state': 2e-4})
   print('largest |moved - straight| / max|straight| per group: ' + state_compare.describe(worst))
 
