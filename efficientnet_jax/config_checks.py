@@ -141,10 +141,8 @@ def check_config(config) -> None:
     _one_of(config, 'sharding', SHARDINGS)
   if _has(config, 'state_layout'):  # 'flat' with a sharded state: state_layout.resolve
     _one_of(config, 'state_layout', state_layout.LAYOUTS)
-  if _has(config, 'cpu_train_opt_level'):
-    value = _get(config, 'cpu_train_opt_level')
-    if isinstance(value, bool) or value not in cpu_tuning.OPT_LEVELS:
-      _fail('cpu_train_opt_level', value, '0, 1, 2 or 3 (an LLVM optimisation level)')
+  if _has(config, 'cpu_train_opt_level'):  # the check train.py's step would make, up front
+    cpu_tuning.train_compiler_options('cpu', _get(config, 'cpu_train_opt_level'))
   if _has(config, 'mesh_model'):  # dividing the device count: sharding.make_mesh
     value = _get(config, 'mesh_model')
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -73,7 +73,8 @@ def train_compiler_options(platform: str, opt_level: int = CPU_TRAIN_OPT_LEVEL
   kernels are not compiled by this LLVM pipeline.
   """
   if isinstance(opt_level, bool) or opt_level not in OPT_LEVELS:
-    raise ValueError(f'cpu_train_opt_level={opt_level!r}; accepted: {OPT_LEVELS}')
+    raise ValueError(f'cpu_train_opt_level={opt_level!r}; accepted: 0, 1, 2 or 3 '
+                     '(an LLVM optimisation level)')
   if platform != 'cpu':
     return None
   return {'xla_backend_optimization_level': opt_level}

@@ -332,7 +332,8 @@ def run(config, workdir: str, devices=None) -> dict:
         in_shardings=(state_sharding, batch_sharding, replicated),
         out_shardings=(state_sharding, replicated), donate_argnums=0,
         compiler_options=cpu_tuning.train_compiler_options(
-            mesh.devices.flat[0].platform, config.get('cpu_train_opt_level', 3)))
+            mesh.devices.flat[0].platform,
+            config.get('cpu_train_opt_level', cpu_tuning.CPU_TRAIN_OPT_LEVEL)))
 
   def make_batches(stage, begin_step):
     return input_pipeline.make_train_iterator(
