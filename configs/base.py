@@ -63,6 +63,11 @@ def get_config(arg=None):
   # default: 3). 1 compiles B0's step ~12% faster at the same step time
   # (efficientnet_jax/cpu_tuning.py). Accelerators ignore it.
   config.cpu_train_opt_level = 1
+  # Batch-norm statistics groups: data-parallel replicas whose batches share one
+  # mean/variance (tensorflow/tpu efficientnet `utils.TpuBatchNormalization`,
+  # google/automl efficientnetv2 `utils.py`). 0 = the global batch; -1 = the
+  # official rule for the family when the replica count exceeds 8 (global below).
+  config.bn_group_size = -1
 
   # EfficientNetV2 progressive learning (efficientnet_jax/progressive.py): image
   # size and regularisation grow stage by stage; each stage has its own input
@@ -106,6 +111,13 @@ def get_config(arg=None):
   config.weight_decay = 1e-5  # coupled L2 on every non-BN variable
   config.label_smoothing = 0.1
   config.ema_decay = 0.9999  # warmed up as min(decay, (1+t)/(10+t))
+
+  # Fine-tuning (efficientnet_jax/finetune.py): '' trains from scratch; otherwise
+  # what predict.py's --weights takes ('lite0', a weights file, a workdir).
+  config.init_from = ''
+  config.init_from_model = ''  # our variant name, for a weights file that does not name it
+  config.init_from_config = ''  # the training config of an init_from workdir
+  config.freeze_blocks = 0  # keep the stem and the first K blocks fixed (0 = train all)
 
   config.seed = 0
   config.log_every_steps = 100

@@ -52,11 +52,7 @@ def get_config(arg=None):
   config.log_every_steps = 50
   config.checkpoint_every_steps = 300
   config.eval_every_steps = 300
-  # Fine-tuning (read by train.run, see efficientnet_jax/finetune.py).
-  config.init_from = 'lite0'
-  config.init_from_model = ''  # our variant name, for a weights file that does not name it
-  config.init_from_config = ''  # the training config of an init_from workdir
-  config.freeze_blocks = 0
+  config.init_from = 'lite0'  # fine-tuning fields: configs/base.py
   if arg == 'smoke':
     base.smoke(config)
     config.model.name = 'lite0'

@@ -13,7 +13,8 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping
 
-from efficientnet_jax import layers
+from efficientnet_jax.model import blocks
+from efficientnet_jax.model import kernels
 from efficientnet_jax import optim
 from efficientnet_jax import cpu_tuning
 from efficientnet_jax import state_layout
@@ -97,8 +98,8 @@ def _has(config, field: str) -> bool:
 def check_config(config) -> None:
   """Raises ValueError('field=value; accepted: ...') for the first out-of-range field."""
   _one_of(config, 'dtype', DTYPES)
-  _one_of(config, 'model.padding', layers.PADDINGS)
-  _one_of(config, 'model.depthwise', layers.DEPTHWISE_IMPLS)
+  _one_of(config, 'model.padding', blocks.PADDINGS)
+  _one_of(config, 'model.depthwise', kernels.DEPTHWISE_IMPLS)
   for field in ('model.width', 'model.depth', 'model.resolution'):
     _positive(config, field, default=-1)
   _one_of(config, 'optimizer', optim.OPTIMIZERS)

@@ -38,7 +38,7 @@ import optax
 
 from efficientnet_jax import predict
 from efficientnet_jax import state_layout
-from efficientnet_jax.architectures import ModelSpec
+from efficientnet_jax.model.architectures import ModelSpec
 from efficientnet_jax import model as model_lib
 from efficientnet_jax.model import stack_block_variables
 

@@ -22,9 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from efficientnet_jax import architectures
-from efficientnet_jax import scaling
-from efficientnet_jax.architectures import ModelSpec
+from efficientnet_jax.model import architectures
+from efficientnet_jax.model import scaling
+from efficientnet_jax.model.architectures import ModelSpec
 from efficientnet_jax.model import create_model
 
 # Official parameter counts: B0-B7 from the released checkpoints / Keras, the rest

@@ -25,7 +25,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from efficientnet_jax import architectures
+from efficientnet_jax.model import architectures
 from efficientnet_jax import checkpointing
 from efficientnet_jax import finetune
 from efficientnet_jax import config_checks

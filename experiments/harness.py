@@ -124,7 +124,7 @@ def point_config(study: Study, point: Point, extra: Mapping[str, Any] | None = N
 
 def model_counts(config) -> dict:
   """Params and multiply-adds (at the eval resolution) of the network `config` trains."""
-  from efficientnet_jax import architectures  # pylint: disable=g-import-not-at-top
+  from efficientnet_jax.model import architectures  # pylint: disable=g-import-not-at-top
   from efficientnet_jax import model_table  # pylint: disable=g-import-not-at-top
   spec = architectures.spec_from_config(config.model)
   num_classes = config.num_classes if config.num_classes > 0 else None

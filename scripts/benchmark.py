@@ -547,7 +547,7 @@ def _log(args, message: str) -> None:
 
 def run_benchmark(args) -> dict:
   """Starts one worker per system and returns the result dictionary."""
-  from efficientnet_jax import architectures
+  from efficientnet_jax.model import architectures
   from efficientnet_jax import model_table
 
   modes = args.modes.split(',')
@@ -672,7 +672,7 @@ def print_table(result: dict) -> None:
 
 def run_latency(args) -> dict:
   """Paper Table 4 (batch 1, one core: B1 vs ResNet-152) and a B0-B7 latency/throughput table."""
-  from efficientnet_jax import architectures
+  from efficientnet_jax.model import architectures
 
   def one(system: str, model: str, size: int, batch: int, steps: int) -> dict:
     sub = argparse.Namespace(**vars(args))

@@ -6,9 +6,9 @@ import os
 
 import pytest
 
-from efficientnet_jax import architectures
+from efficientnet_jax.model import architectures
 from efficientnet_jax import optim
-from efficientnet_jax import scaling
+from efficientnet_jax.model import scaling
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(REPO, 'configs', '*.py'))

@@ -10,7 +10,7 @@ from PIL import Image
 
 from efficientnet_jax import embed
 from efficientnet_jax import predict
-from efficientnet_jax.architectures import v1_spec
+from efficientnet_jax.model.architectures import v1_spec
 from efficientnet_jax.model import create_model
 from tests.test_data_fashion_mnist import write_fake_fashion_mnist
 

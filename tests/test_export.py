@@ -11,7 +11,7 @@ import pytest
 
 from efficientnet_jax import export
 from efficientnet_jax import predict
-from efficientnet_jax.architectures import v1_spec
+from efficientnet_jax.model.architectures import v1_spec
 from efficientnet_jax.model import create_model
 
 tf = pytest.importorskip('tensorflow')

@@ -12,7 +12,7 @@ from efficientnet_jax import finetune
 from efficientnet_jax import model as model_lib
 from efficientnet_jax import optim
 from efficientnet_jax import train
-from efficientnet_jax.architectures import v1_spec
+from efficientnet_jax.model.architectures import v1_spec
 from efficientnet_jax.model import create_model, stack_block_variables
 
 SIZE = 32

@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from efficientnet_jax import architectures
+from efficientnet_jax.model import architectures
 from efficientnet_jax import optim
 from efficientnet_jax import sharding
 from efficientnet_jax import train

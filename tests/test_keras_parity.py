@@ -18,7 +18,7 @@ import keras
 import numpy as np
 import pytest
 
-from efficientnet_jax import architectures
+from efficientnet_jax.model import architectures
 from efficientnet_jax.model import create_model
 from efficientnet_jax.weights import keras as keras_import
 

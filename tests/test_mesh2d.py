@@ -14,7 +14,7 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from efficientnet_jax import architectures
+from efficientnet_jax.model import architectures
 from efficientnet_jax import evaluate
 from efficientnet_jax import optim
 from efficientnet_jax import sharding

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from configs import base as base_config
-from efficientnet_jax import architectures
+from efficientnet_jax.model import architectures
 from efficientnet_jax import model_table
 from efficientnet_jax.model import create_model
 from efficientnet_jax.weights import keras as keras_import

@@ -8,11 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from efficientnet_jax import architectures
-from efficientnet_jax import layers
+from efficientnet_jax.model import architectures
+from efficientnet_jax.model import blocks
+from efficientnet_jax.model import kernels
 from efficientnet_jax import model_table
-from efficientnet_jax import scaling
-from efficientnet_jax.architectures import Block
+from efficientnet_jax.model import scaling
+from efficientnet_jax.model.architectures import Block
 from efficientnet_jax.model import create_model
 
 OFFICIAL_PARAMS = {
@@ -166,9 +167,9 @@ def _residual_block(drop_rate):
 
 def test_stochastic_depth_is_per_sample_and_identity_at_eval():
   x = jax.random.normal(jax.random.key(1), (64, 6, 6, 8))
-  dropped = layers.MBConv(_residual_block(0.5))
+  dropped = blocks.MBConv(_residual_block(0.5))
   variables = dropped.init(jax.random.key(0), x)
-  kept = layers.MBConv(_residual_block(0.0))
+  kept = blocks.MBConv(_residual_block(0.0))
   branch, _ = kept.apply(variables, x, train=True, mutable=['batch_stats'])
   branch = branch - x
   out, _ = dropped.apply(variables, x, train=True, mutable=['batch_stats'],
@@ -186,7 +187,7 @@ def test_non_residual_block_is_deterministic_in_training():
   block = Block(index=5, stage=2, in_ch=8, out_ch=16, kernel=3, stride=2, expand=2, se_ch=2,
                 fused=False, drop_rate=0.5)
   x = jax.random.normal(jax.random.key(1), (4, 6, 6, 8))
-  module = layers.MBConv(block)
+  module = blocks.MBConv(block)
   variables = module.init(jax.random.key(0), x)
   outs = [module.apply(variables, x, train=True, mutable=['batch_stats'],
                        rngs={'dropout': jax.random.key(i)})[0] for i in range(2)]
@@ -229,11 +230,11 @@ def test_initializer_std_is_official():
 
 
 def test_same_padding_matches_tf():
-  assert layers.conv_padding(224, 3, 2, 'same') == (0, 1)
-  assert layers.conv_padding(112, 5, 2, 'same') == (1, 2)
-  assert layers.conv_padding(225, 3, 2, 'same') == (1, 1)
-  assert layers.conv_padding(224, 3, 1, 'same') == (1, 1)
-  assert layers.conv_padding(224, 3, 2, 'symmetric') == (1, 1)
+  assert blocks.conv_padding(224, 3, 2, 'same') == (0, 1)
+  assert blocks.conv_padding(112, 5, 2, 'same') == (1, 2)
+  assert blocks.conv_padding(225, 3, 2, 'same') == (1, 1)
+  assert blocks.conv_padding(224, 3, 1, 'same') == (1, 1)
+  assert blocks.conv_padding(224, 3, 2, 'symmetric') == (1, 1)
   x = jax.random.normal(jax.random.key(0), (1, 10, 10, 2))
   k = jax.random.normal(jax.random.key(1), (3, 3, 2, 4))
   dn = ('NHWC', 'HWIO', 'NHWC')
@@ -250,13 +251,13 @@ def test_same_padding_matches_tf():
 def test_depthwise_impls_agree_in_value_and_gradient(kernel, stride, size, padding):
   x = jax.random.normal(jax.random.key(0), (2, size, size, 6))
   w = jax.random.normal(jax.random.key(1), (kernel, kernel, 1, 6))
-  pads = [layers.conv_padding(size, kernel, stride, padding)] * 2
+  pads = [blocks.conv_padding(size, kernel, stride, padding)] * 2
 
   def loss(impl):
-    return lambda x, w: jnp.sum(jnp.sin(layers.depthwise_conv(x, w, stride, pads, impl)))
+    return lambda x, w: jnp.sum(jnp.sin(kernels.depthwise_conv(x, w, stride, pads, impl)))
 
-  out_g = layers.depthwise_conv(x, w, stride, pads, 'grouped')
-  out_s = layers.depthwise_conv(x, w, stride, pads, 'shifted')
+  out_g = kernels.depthwise_conv(x, w, stride, pads, 'grouped')
+  out_s = kernels.depthwise_conv(x, w, stride, pads, 'shifted')
   np.testing.assert_allclose(out_s, out_g, atol=1e-5)
   grads_g = jax.grad(loss('grouped'), argnums=(0, 1))(x, w)
   grads_s = jax.grad(loss('shifted'), argnums=(0, 1))(x, w)
@@ -277,7 +278,7 @@ def test_depthwise_impls_agree_on_a_whole_model():
 
 
 def test_auto_depthwise_picks_shifted_on_cpu():
-  assert layers.resolve_depthwise_impl('auto') == 'shifted'
+  assert kernels.resolve_depthwise_impl('auto') == 'shifted'
 
 
 def test_bf16_compute_keeps_params_stats_and_logits_fp32():

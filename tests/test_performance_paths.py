@@ -17,11 +17,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from efficientnet_jax import architectures
+from efficientnet_jax.model import architectures
 from efficientnet_jax import cpu_tuning
-from efficientnet_jax import layers
+from efficientnet_jax.model import blocks
+from efficientnet_jax.model import kernels
 from efficientnet_jax import optim
-from efficientnet_jax import remat as remat_lib
+from efficientnet_jax.model import remat as remat_lib
 from efficientnet_jax import train
 from efficientnet_jax.model import create_model, infer, resolve_infer_chunk
 from efficientnet_jax.model import stack_block_variables, unstack_block_variables
@@ -64,7 +65,7 @@ def _assert_close(actual, expected, rtol=RTOL):
 
 def _shifted_autodiff(x, kernel, stride, pads):
   """The shifted forward differentiated by JAX (what 'shifted' was before its custom VJP)."""
-  return layers._shifted_forward(layers._pad_hw(x, pads), kernel, stride)
+  return kernels._shifted_forward(kernels._pad_hw(x, pads), kernel, stride)
 
 
 @pytest.mark.parametrize('kernel,stride,size,padding', [
@@ -73,11 +74,11 @@ def _shifted_autodiff(x, kernel, stride, pads):
 def test_shifted_depthwise_custom_vjp_matches_autodiff_and_grouped(kernel, stride, size, padding):
   x = jax.random.normal(jax.random.key(0), (3, size, size + 1, 5))
   w = jax.random.normal(jax.random.key(1), (kernel, kernel, 1, 5))
-  pads = [layers.conv_padding(size, kernel, stride, padding),
-          layers.conv_padding(size + 1, kernel, stride, padding)]
-  fns = {'custom': lambda x, w: layers.depthwise_conv(x, w, stride, pads, 'shifted'),
+  pads = [blocks.conv_padding(size, kernel, stride, padding),
+          blocks.conv_padding(size + 1, kernel, stride, padding)]
+  fns = {'custom': lambda x, w: kernels.depthwise_conv(x, w, stride, pads, 'shifted'),
          'autodiff': lambda x, w: _shifted_autodiff(x, w, stride, pads),
-         'grouped': lambda x, w: layers.depthwise_conv(x, w, stride, pads, 'grouped')}
+         'grouped': lambda x, w: kernels.depthwise_conv(x, w, stride, pads, 'grouped')}
   outs = {k: f(x, w) for k, f in fns.items()}
   np.testing.assert_array_equal(outs['custom'], outs['autodiff'])  # same forward ops
   _assert_close(outs['custom'], outs['grouped'])
@@ -90,7 +91,7 @@ def test_shifted_depthwise_custom_vjp_matches_autodiff_and_grouped(kernel, strid
 def test_shifted_depthwise_bfloat16_keeps_dtypes():
   x = jax.random.normal(jax.random.key(0), (2, 8, 8, 4), jnp.bfloat16)
   w = jax.random.normal(jax.random.key(1), (3, 3, 1, 4), jnp.bfloat16)
-  dx, dw = jax.grad(lambda x, w: jnp.sum(layers.depthwise_conv(x, w, 1, [(1, 1)] * 2,
+  dx, dw = jax.grad(lambda x, w: jnp.sum(kernels.depthwise_conv(x, w, 1, [(1, 1)] * 2,
                                                                'shifted').astype(jnp.float32)),
                     argnums=(0, 1))(x, w)
   assert dx.dtype == dw.dtype == jnp.bfloat16
@@ -107,7 +108,7 @@ class _Conv(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    return layers.conv(x, self.features, self.kernel, self.stride, impl=self.impl, name='c')
+    return blocks.conv(x, self.features, self.kernel, self.stride, impl=self.impl, name='c')
 
 
 @pytest.mark.parametrize('kernel,stride,channels,size', [
@@ -143,7 +144,7 @@ class _Norm(nn.Module):
 
   @nn.compact
   def __call__(self, x, train):
-    return layers.batch_norm_act(x, train, momentum=0.9, epsilon=1e-3, dtype=self.dtype,
+    return blocks.batch_norm_act(x, train, momentum=0.9, epsilon=1e-3, dtype=self.dtype,
                                  act=self.act, impl=self.impl, name='bn')
 
 
@@ -271,7 +272,7 @@ def test_remat_with_drop_mask_matches_plain_block():
 
     @nn.compact
     def __call__(self, x):
-      mb = layers.MBConv(block, name='block')
+      mb = blocks.MBConv(block, name='block')
       return remat_lib.remat_call(mb, x, mask) if self.use_remat else mb(x, True, drop_mask=mask)
 
   variables = Wrapped(False).init(jax.random.key(1), x)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from configs import base
-from efficientnet_jax import architectures
+from efficientnet_jax.model import architectures
 from efficientnet_jax import checkpointing
 from efficientnet_jax import config_checks
 from efficientnet_jax import progressive

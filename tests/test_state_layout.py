@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from efficientnet_jax import architectures
+from efficientnet_jax.model import architectures
 from efficientnet_jax import checkpointing
 from efficientnet_jax import optim
 from efficientnet_jax import state_layout

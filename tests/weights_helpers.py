@@ -10,8 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from efficientnet_jax import architectures
-from efficientnet_jax.architectures import ModelSpec
+from efficientnet_jax.model import architectures
+from efficientnet_jax.model.architectures import ModelSpec
 
 RESOLUTION = 32  # five stride-2 stages: 32 -> 1
 BATCH = 2

@@ -68,8 +68,8 @@ import flax.traverse_util
 import keras
 import numpy as np
 
-from efficientnet_jax import architectures
-from efficientnet_jax.architectures import Block, ModelSpec
+from efficientnet_jax.model import architectures
+from efficientnet_jax.model.architectures import Block, ModelSpec
 from efficientnet_jax.model import EfficientNet, create_model
 # ImportReport, Missing and ShapeMismatch are re-exported: callers of this
 # module name them as keras_import.ShapeMismatch.

@@ -48,8 +48,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from efficientnet_jax import architectures
-from efficientnet_jax.architectures import Block, ModelSpec
+from efficientnet_jax.model import architectures
+from efficientnet_jax.model.architectures import Block, ModelSpec
 from efficientnet_jax.model import EfficientNet, create_model
 from efficientnet_jax.weights import report as report_lib
 from efficientnet_jax.weights.report import ImportReport

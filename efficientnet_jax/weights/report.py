@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from efficientnet_jax.architectures import ModelSpec
+from efficientnet_jax.model.architectures import ModelSpec
 from efficientnet_jax.model import EfficientNet, create_model
 
 Path = tuple[str, ...]

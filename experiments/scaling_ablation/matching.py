@@ -16,9 +16,9 @@ import math
 from typing import Callable
 
 from configs import base as base_config
-from efficientnet_jax import architectures
+from efficientnet_jax.model import architectures
 from efficientnet_jax import model_table
-from efficientnet_jax import scaling
+from efficientnet_jax.model import scaling
 from experiments.scaling_ablation.presets import BaseNet
 
 FAMILIES = ('depth', 'width', 'resolution', 'compound')

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 
-from efficientnet_jax import scaling
+from efficientnet_jax.model import scaling
 from experiments import harness
 from experiments import plots
 from experiments.scaling_ablation import matching

@@ -29,7 +29,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
-from efficientnet_jax import architectures  # noqa: E402
+from efficientnet_jax.model import architectures  # noqa: E402
 from efficientnet_jax import model_table  # noqa: E402
 
 MODELS = tuple(f'b{i}' for i in range(8))

@@ -9,13 +9,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from efficientnet_jax import architectures
-from efficientnet_jax import layers
-from efficientnet_jax import remat as remat_lib
-from efficientnet_jax.architectures import ModelSpec
+from efficientnet_jax.model import architectures
+from efficientnet_jax.model import blocks as blocks_lib
+from efficientnet_jax.model import kernels
+from efficientnet_jax.model import remat as remat_lib
+from efficientnet_jax.model.architectures import ModelSpec
 
 Dtype = Any
-ENDPOINT_STRIDES = (2, 4, 8, 16, 32)
 
 
 class EfficientNet(nn.Module):
@@ -27,11 +27,11 @@ class EfficientNet(nn.Module):
     include_top: False returns the pooled features instead of logits.
     dtype: compute dtype (e.g. bfloat16); params, BN statistics and logits stay fp32.
     padding: 'same' (TF, for TF-trained weights) or 'symmetric' (PyTorch-trained weights).
-    depthwise_impl: 'auto', 'grouped' or 'shifted' (see layers.depthwise_conv).
-    conv_impl: 'auto', 'conv' or 'matmul' (see layers.MatmulConv); never changes
+    depthwise_impl: 'auto', 'grouped' or 'shifted' (see kernels.depthwise_conv).
+    conv_impl: 'auto', 'conv' or 'matmul' (see blocks.MatmulConv); never changes
       the parameters.
     bn_impl: 'auto', 'flax' or 'fused' (BN + activation with a hand-written
-      backward, see layers.FusedBatchNorm); same variables either way.
+      backward, see blocks.FusedBatchNorm); same variables either way.
     dropout: head dropout; None uses spec.dropout (progressive learning overrides it).
     remat: recompute each block's activations in the backward pass (see
       `remat.py`; `nn.remat` inside scanned stages): less memory for ~1 extra
@@ -56,7 +56,7 @@ class EfficientNet(nn.Module):
   scan_blocks: bool = False
 
   def _bn(self, x, train, name, act=None):
-    return layers.batch_norm_act(x, train, momentum=self.spec.bn_momentum,
+    return blocks_lib.batch_norm_act(x, train, momentum=self.spec.bn_momentum,
                                  epsilon=self.spec.bn_epsilon, dtype=self.dtype, act=act,
                                  impl=self.bn_impl, name=name)
 
@@ -75,7 +75,7 @@ class EfficientNet(nn.Module):
     spec = self.spec
     endpoints = {}
     x = x.astype(self.dtype)
-    x = layers.conv(x, spec.stem_ch, 3, 2, padding=self.padding, dtype=self.dtype,
+    x = blocks_lib.conv(x, spec.stem_ch, 3, 2, padding=self.padding, dtype=self.dtype,
                     impl=self.conv_impl, name='stem_conv')
     x = self._bn(x, train, 'stem_bn', spec.activation)
     endpoints['stem'] = x
@@ -85,7 +85,7 @@ class EfficientNet(nn.Module):
     for stage, run in _stage_runs(blocks, self.scan_blocks):
       first, last = run[0].index, run[-1].index
       if len(run) == 1:
-        block = layers.MBConv(run[0], **self._block_kwargs(), name=f'block_{first}')
+        block = blocks_lib.MBConv(run[0], **self._block_kwargs(), name=f'block_{first}')
         mask = None if masks is None or not _drops(run[0]) else masks[first]
         if self.remat and train:
           x = remat_lib.remat_call(block, x, mask)
@@ -101,7 +101,7 @@ class EfficientNet(nn.Module):
       if nxt == len(blocks) or blocks[nxt].stride > 1:
         reduction += 1
         endpoints[f'reduction_{reduction}'] = x
-    x = layers.conv(x, spec.head_features, 1, dtype=self.dtype, impl=self.conv_impl,
+    x = blocks_lib.conv(x, spec.head_features, 1, dtype=self.dtype, impl=self.conv_impl,
                     name='head_conv')
     x = self._bn(x, train, 'head_bn', spec.activation)
     endpoints['head'] = x
@@ -110,7 +110,7 @@ class EfficientNet(nn.Module):
       rate = spec.dropout if self.dropout is None else self.dropout
       if rate > 0:
         x = nn.Dropout(rate, name='head_dropout')(x, deterministic=not train)
-      x = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=layers.dense_kernel_init,
+      x = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=blocks_lib.dense_kernel_init,
                    name='classifier')(x)
     x = x.astype(jnp.float32)
     return (x, endpoints) if return_endpoints else x
@@ -165,7 +165,7 @@ class _RepeatBody(nn.Module):
 
   @nn.compact
   def __call__(self, x, drop_mask):
-    return layers.MBConv(self.block, **dict(self.block_kwargs), name='block')(
+    return blocks_lib.MBConv(self.block, **dict(self.block_kwargs), name='block')(
         x, self.train, drop_mask=drop_mask), None
 
 
@@ -273,9 +273,9 @@ def create_model(name_or_spec: str | ModelSpec, *, drop_connect: float | None = 
           else name_or_spec)
   if drop_connect is not None:
     spec = dataclasses.replace(spec, drop_connect=drop_connect)
-  if kwargs.get('padding', 'same') not in layers.PADDINGS:
-    raise ValueError(f'padding={kwargs["padding"]!r}; accepted: {", ".join(layers.PADDINGS)}')
-  layers.resolve_depthwise_impl(kwargs.get('depthwise_impl', 'auto'))  # validates
-  layers.resolve_conv_impl(kwargs.get('conv_impl', 'auto'))
-  layers.resolve_bn_impl(kwargs.get('bn_impl', 'auto'))
+  if kwargs.get('padding', 'same') not in blocks_lib.PADDINGS:
+    raise ValueError(f'padding={kwargs["padding"]!r}; accepted: {", ".join(blocks_lib.PADDINGS)}')
+  kernels.resolve_depthwise_impl(kwargs.get('depthwise_impl', 'auto'))  # validates
+  kernels.resolve_conv_impl(kwargs.get('conv_impl', 'auto'))
+  kernels.resolve_bn_impl(kwargs.get('bn_impl', 'auto'))
   return EfficientNet(spec, **kwargs)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from efficientnet_jax import scaling
+from efficientnet_jax.model import scaling
 
 
 @dataclasses.dataclass(frozen=True)
