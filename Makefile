@@ -7,13 +7,14 @@ PY := $(VENV)/bin/python
 FASHION_MNIST_DIR ?= /usr/share/datasets/fashion-mnist
 PYTEST_ARGS ?=
 
-.PHONY: venv data test test-slow demo model-table clean
+.PHONY: venv data lint test test-slow demo model-table clean
 
 # The stamp is newer than requirements.txt once the pins are installed.
-$(VENV)/.installed: requirements.txt
+$(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
 
 venv: $(VENV)/.installed
@@ -24,8 +25,11 @@ data:
 	  { echo "installing Debian package dataset-fashion-mnist"; \
 	    apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; }
 
-test: venv data
+test: venv data lint
 	$(PY) -m pytest -q -n 2 tests $(PYTEST_ARGS)
+
+lint: venv
+	$(PY) -m ruff check .
 
 test-slow: venv data
 	$(PY) -m pytest -q -n 2 -m slow tests $(PYTEST_ARGS)

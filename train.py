@@ -28,11 +28,17 @@ _COORDINATOR = flags.DEFINE_string(
     'coordinator_address', None, 'host:port of process 0, e.g. 10.0.0.1:1234.')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processes in the job.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process, 0..num_processes-1.')
-flags.mark_flags_as_required(['config', 'workdir'])
+_DRY_RUN = flags.DEFINE_bool('dry_run', False, 'Print the resolved recipe (efficientnet_jax/'
+                             'recipe.py) and exit: no data, no compile, no workdir.')
+_JSON = flags.DEFINE_bool('json', False, 'With --dry_run: print one JSON object.')
+flags.mark_flags_as_required(['config'])
+flags.register_multi_flags_validator(
+    ['workdir', 'dry_run'], lambda f: bool(f['workdir'] or f['dry_run']),
+    message='flag --workdir must have a value other than None (or pass --dry_run)')
 
 
 def _maybe_initialize_distributed():
-  """Multi-host: initialise JAX's runtime from the flags, or where the platform announces a cluster."""
+  """Multi-host: initialises JAX's runtime from the flags, or where the platform announces one."""
   import jax  # pylint: disable=g-import-not-at-top
   explicit = (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   if any(v is not None for v in explicit):
@@ -58,14 +64,46 @@ def _maybe_initialize_distributed():
       print(f'jax.distributed not initialised: {e}', file=sys.stderr)
 
 
+def _config_error(argv) -> str | None:
+  """The one-line message for an unknown `--config.` field, if one is the parse failure's cause."""
+  from efficientnet_jax import config_lib  # pylint: disable=g-import-not-at-top
+  spec = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), None)
+  if spec is None:
+    return None
+  config = config_lib.load(spec)
+  for arg in argv:
+    if arg.startswith('--config.'):
+      key = arg[len('--config.'):].split('=', 1)[0]
+      try:
+        config_lib.set_fields(config, {key: None})
+      except ValueError as e:
+        return str(e)
+  return None
+
+
+def _parse_flags(argv):
+  """absl's flag parsing, with every failure as one `error:` line and exit status 2."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    message = str(e)
+  except (AttributeError, KeyError, ValueError) as e:  # ml_collections on an unknown field
+    message = _config_error(argv) or f'{type(e).__name__}: {e}'
+  print(f'error: {message}', file=sys.stderr)
+  sys.exit(2)
+
+
 def main(argv):
   del argv
+  if _DRY_RUN.value:
+    from efficientnet_jax import recipe  # pylint: disable=g-import-not-at-top
+    sys.exit(recipe.dry_run(_CONFIG.value, as_json=_JSON.value))
   # Orbax and tfds log every file operation at INFO; progress lines are printed.
   logging.set_verbosity(logging.WARNING)
   from efficientnet_jax import cpu_tuning  # pylint: disable=g-import-not-at-top
   cpu_tuning.tune_malloc()  # before the first large buffer; see cpu_tuning.py
-  from efficientnet_jax import train_loop  # pylint: disable=g-import-not-at-top
-  train_loop.best_effort_console()  # a closed stdout pipe must not stop training
+  from efficientnet_jax import runtime  # pylint: disable=g-import-not-at-top
+  runtime.best_effort_console()  # a closed stdout pipe must not stop training
   from efficientnet_jax import train  # pylint: disable=g-import-not-at-top
   try:
     _maybe_initialize_distributed()
@@ -77,4 +115,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

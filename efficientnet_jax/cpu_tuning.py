@@ -1,7 +1,8 @@
 """Settings that make XLA:CPU (and other frameworks) faster on Linux.
 
 glibc's malloc (`tune_malloc`, below) and the LLVM optimisation level of the
-CPU train step (`train_compiler_options`). Also `host_info`: the machine facts that benchmark and experiment reports record.
+CPU train step (`train_compiler_options`). Also `host_info`: the machine facts
+that benchmark and experiment reports record.
 
 glibc serves every allocation above 32 MiB with a fresh mmap and unmaps it on
 free, so each step of a CPU training loop page-faults its activations in again

@@ -16,8 +16,9 @@ Writes
                       feature maps [N, H_i, W_i, C_i] (large: stem of a 224 px
                       Lite0 is 112 x 112 x 32 floats per image).
 
-Images get predict.py's preprocessing (short side to size / 0.875, bicubic,
-centre crop, the variant's normalisation). `--folder` takes every image under
+Images get predict.py's preprocessing (the eval preprocessing the weights
+were measured with, `eval_presets.for_weights`, and the variant's normalisation).
+`--folder` takes every image under
 the directory (recursively, sorted); a first-level subdirectory name is the
 label. Unreadable files are reported on stderr and skipped. Features are not
 L2-normalised: do that before cosine similarity (see the README example).
@@ -35,8 +36,11 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 from PIL import Image
 
+from efficientnet_jax import eval_presets
 from efficientnet_jax import predict
+from efficientnet_jax.eval_presets import EvalPreprocessing
 from efficientnet_jax.model import EfficientNet
+from efficientnet_jax.weights import load as weights_load
 
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff')
 ENDPOINTS = ('stem', 'reduction_1', 'reduction_2', 'reduction_3', 'reduction_4',
@@ -63,12 +67,12 @@ def list_folder(root: str) -> tuple[list[str], list[int], list[str]]:
   return paths, labels, classes
 
 
-def folder_images(paths: Sequence[str], size: int
+def folder_images(paths: Sequence[str], prep: EvalPreprocessing
                   ) -> Iterator[tuple[int, np.ndarray | None, str | None]]:
   """(index, image or None, error) per path."""
   for i, path in enumerate(paths):
     try:
-      yield i, predict.load_image(path, size), None
+      yield i, predict.load_image(path, prep), None
     except (OSError, ValueError, Image.DecompressionBombError) as e:
       yield i, None, f'{type(e).__name__}: {e}'
 
@@ -166,7 +170,7 @@ def embed(images: Iterator[tuple[np.ndarray | None, Any]], count: int,
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(prog='python -m efficientnet_jax.embed',
                                    description=__doc__.split('\n')[0])
-  predict.add_weights_args(parser)
+  weights_load.add_weights_args(parser)
   source = parser.add_mutually_exclusive_group(required=True)
   source.add_argument('--folder', help='a directory of images (subdirectories = labels)')
   source.add_argument('--tfds', help='NAME:SPLIT of a prepared TFDS dataset (or '
@@ -196,17 +200,19 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = parse_args(argv)
   errors = []
   try:
-    module, variables, notes = predict.load_weights_from_args(args)
+    module, variables, notes = weights_load.load_weights_from_args(args)
     for note in notes:
       print(f'note: {note}', file=sys.stderr)
-    size = args.image_size or module.spec.eval_resolution
+    prep = eval_presets.for_weights(module.spec, args.weights, args.origin, config=args.config,
+                                    image_size=args.image_size)
+    size = prep.image_size
     if args.folder:
       paths, labels, class_names = list_folder(args.folder)
       count = len(paths)
       kept = []
 
       def images():
-        for i, image, error in folder_images(paths, size):
+        for i, image, error in folder_images(paths, prep):
           if error:
             errors.append((paths[i], error))
           else:
@@ -222,7 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           paths.append(f'{args.tfds}[{i}]')
           labels.append(label)
           kept.append(i)
-          yield predict.center_crop(image, size)
+          yield predict.preprocess(image, prep)
 
     out = embed(images(), count, module, variables, image_size=size,
                 batch_size=args.batch_size, endpoints=args.endpoints, raw=args.raw_endpoints)

@@ -3,7 +3,8 @@
   python -m efficientnet_jax.export --weights=lite0 --format=savedmodel --out=exports/lite0
   python -m efficientnet_jax.export --weights=lite0 --format=tflite --out=exports/lite0_tflite
   python -m efficientnet_jax.export --weights=w.pth --model=b0 --format=stablehlo --out=exports/b0
-  python -m efficientnet_jax.export --weights=runs/demo --config=configs/demo.py --format=savedmodel ...
+  python -m efficientnet_jax.export --weights=runs/demo --config=configs/demo.py \
+      --format=savedmodel ...
 
 `--weights` is resolved exactly as in predict.py ('lite0', a weights file, or a
 training workdir with `--config`).
@@ -14,19 +15,18 @@ numbers are XLA's, not a TF re-implementation) and wrapped in two signatures:
 
   serving_default(images: uint8 [batch, H, W, 3] RGB)
       -> {'logits': float32 [batch, classes], 'probabilities': float32 [...]}
-      does predict.py's preprocessing in TF: resize the short side to
-      round(size / 0.875) (bicubic), crop the central size x size, then the
-      variant's normalisation (Lite: (x - 127) / 128). H and W are any size,
-      or fixed with --input_size (the crop box is then static).
+      does predict.py's preprocessing, the same TF ops (`eval_presets` picks the
+      crop and resize the weights were measured with; `data.preprocessing.
+      eval_image` applies them), then the variant's normalisation (Lite:
+      (x - 127) / 128). H and W are any size, or fixed with --input_size.
   cropped(images: uint8 [batch, size, size, 3]) -> {'logits', 'probabilities'}
       for images already resized and cropped: normalisation + network.
   logits(normalized: float32 [batch, size, size, 3]) -> {'logits'}
       the bare network, for parity checks against JAX.
 
-The batch dimension is symbolic in both (jax2tf shape polymorphism). TF's
-bicubic resize is not PIL's, so serving_default and predict.py agree to
-about 1e-2 in the probabilities, not bit for bit; the network itself agrees
-to float32 rounding (tests check <= 1e-4 on the logits).
+The batch dimension is symbolic in both (jax2tf shape polymorphism).
+serving_default and predict.py run the same preprocessing ops; the network
+agrees with JAX to float32 rounding (tests check <= 1e-4 on the logits).
 
 TFLite converts the SavedModel's `cropped` signature (model.tflite next to
 savedmodel/): TFLite has no bicubic resize (TF's ScaleAndTranslate), so a
@@ -50,8 +50,11 @@ from typing import Any, Sequence
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
-from efficientnet_jax import predict  # noqa: E402
-from efficientnet_jax.model import EfficientNet  # noqa: E402
+from efficientnet_jax import eval_presets  # noqa: E402
+from efficientnet_jax.data import options  # noqa: E402
+from efficientnet_jax.eval_presets import EvalPreprocessing  # noqa: E402
+from efficientnet_jax.model import EfficientNet
+from efficientnet_jax.weights import load as weights_load  # noqa: E402
 
 FORMATS = ('savedmodel', 'tflite', 'stablehlo')
 
@@ -66,38 +69,30 @@ def _network_fn(module: EfficientNet, variables: dict[str, Any]):
   return network
 
 
-def tf_preprocess(images, size: int, normalization: str,
-                  crop_fraction: float = predict.CROP_FRACTION):
-  """TF version of predict.load_image + normalize for a uint8 [b, H, W, 3] batch."""
+def tf_preprocess(images, prep: EvalPreprocessing):
+  """predict.load_image + normalize in TF, for a uint8 [b, H, W, 3] batch."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  images = tf.cast(images, tf.float32)
-  shape = tf.shape(images)
-  height, width = tf.cast(shape[1], tf.float32), tf.cast(shape[2], tf.float32)
-  short = float(round(size / crop_fraction))
-  # Same arithmetic as load_image: the short side becomes `short`, the long
-  # side int(short * long / short_side).
-  scale = short / tf.minimum(height, width)
-  new_h = tf.where(height <= width, short, tf.floor(height * scale))
-  new_w = tf.where(height <= width, tf.floor(width * scale), short)
-  new_size = tf.cast(tf.stack([new_h, new_w]), tf.int32)
-  # antialias: PIL's bicubic widens its kernel when shrinking, and so must TF.
-  images = tf.image.resize(images, new_size, method='bicubic', antialias=True)
-  top = tf.cast(tf.round((new_h - size) / 2.0), tf.int32)
-  left = tf.cast(tf.round((new_w - size) / 2.0), tf.int32)
-  images = images[:, top:top + size, left:left + size, :]
-  images = tf.clip_by_value(images, 0.0, 255.0)  # bicubic overshoots; PIL clips too
-  images = tf.ensure_shape(images, [None, size, size, 3])
-  mean, std = predict.NORMALIZATIONS[normalization]
+  from efficientnet_jax.data import preprocessing  # pylint: disable=g-import-not-at-top
+  size = prep.image_size
+  images = tf.map_fn(
+      lambda image: preprocessing.eval_image(image, size, crop=prep.crop,
+                                             crop_padding=prep.crop_padding, resize=prep.resize),
+      images, fn_output_signature=tf.TensorSpec([size, size, 3], tf.float32))
+  mean, std = options.NORMALIZATIONS[prep.normalization]
   return (images - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)
 
 
 def build_tf_module(module: EfficientNet, variables: dict[str, Any], *,
-                    image_size: int | None = None, input_size: int | None = None):
-  """A tf.Module with the two signatures of the module docstring."""
+                    prep: EvalPreprocessing | None = None, input_size: int | None = None):
+  """A tf.Module with the signatures of the module docstring.
+
+  `prep` (default: the official eval preprocessing of the variant's TF-trained
+  weights) is what the uint8 `serving` signature applies.
+  """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from jax.experimental import jax2tf  # pylint: disable=g-import-not-at-top
-  size = image_size or module.spec.eval_resolution
-  normalization = module.spec.normalization
+  prep = prep or eval_presets.eval_preprocessing(module.spec, 'tf')
+  size, normalization = prep.image_size, prep.normalization
   network = jax2tf.convert(_network_fn(module, variables), with_gradient=False,
                            polymorphic_shapes=['(b, ...)'])
   tf_module = tf.Module()
@@ -111,13 +106,13 @@ def build_tf_module(module: EfficientNet, variables: dict[str, Any], *,
   @tf.function(input_signature=[tf.TensorSpec([None, side, side, 3], tf.uint8,
                                                name='images')], autograph=False)
   def serving(images):
-    out = network(tf_preprocess(images, size, normalization))
+    out = network(tf_preprocess(images, prep))
     return {'logits': out, 'probabilities': tf.nn.softmax(out, axis=-1)}
 
   @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.uint8,
                                                name='images')], autograph=False)
   def cropped(images):
-    mean, std = predict.NORMALIZATIONS[normalization]
+    mean, std = options.NORMALIZATIONS[normalization]
     x = (tf.cast(images, tf.float32) - tf.constant(mean)) / tf.constant(std)
     out = network(x)
     return {'logits': out, 'probabilities': tf.nn.softmax(out, axis=-1)}
@@ -129,10 +124,10 @@ def build_tf_module(module: EfficientNet, variables: dict[str, Any], *,
 
 
 def export_savedmodel(module: EfficientNet, variables: dict[str, Any], out: str, *,
-                      image_size: int | None = None, input_size: int | None = None) -> str:
+                      prep: EvalPreprocessing | None = None, input_size: int | None = None
+                      ) -> str:
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  tf_module = build_tf_module(module, variables, image_size=image_size,
-                              input_size=input_size)
+  tf_module = build_tf_module(module, variables, prep=prep, input_size=input_size)
   tf.saved_model.save(tf_module, out, signatures={
       'serving_default': tf_module.serving.get_concrete_function(),
       'logits': tf_module.logits.get_concrete_function(),
@@ -173,8 +168,8 @@ def export_stablehlo(module: EfficientNet, variables: dict[str, Any], out: str, 
   meta = {'input_shape': ['batch', size, size, 3], 'input_dtype': 'float32',
           'input': f'RGB normalised with {module.spec.normalization!r}: '
                    '(x - mean) / std of 0..255 pixels',
-          'mean': predict.NORMALIZATIONS[module.spec.normalization][0],
-          'std': predict.NORMALIZATIONS[module.spec.normalization][1],
+          'mean': options.NORMALIZATIONS[module.spec.normalization][0],
+          'std': options.NORMALIZATIONS[module.spec.normalization][1],
           'output': 'logits', 'num_classes': module.num_classes,
           'model': module.spec.name, 'platforms': list(exported.platforms),
           'load': 'jax.export.deserialize(bytearray(open(path, "rb").read())).call(x)'}
@@ -187,7 +182,7 @@ def export_stablehlo(module: EfficientNet, variables: dict[str, Any], out: str, 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(prog='python -m efficientnet_jax.export',
                                    description=__doc__.split('\n')[0])
-  predict.add_weights_args(parser)
+  weights_load.add_weights_args(parser)
   parser.add_argument('--format', choices=FORMATS, default='savedmodel')
   parser.add_argument('--out', required=True, help='output directory')
   parser.add_argument('--image_size', type=int, default=None,
@@ -200,14 +195,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
   args = parse_args(argv)
   try:
-    module, variables, notes = predict.load_weights_from_args(args)
+    module, variables, notes = weights_load.load_weights_from_args(args)
     for note in notes:
       print(f'note: {note}', file=sys.stderr)
+    prep = eval_presets.for_weights(module.spec, args.weights, args.origin, config=args.config,
+                                    image_size=args.image_size)
     if args.format == 'stablehlo':
       paths = export_stablehlo(module, variables, args.out, image_size=args.image_size)
     else:
       saved = args.out if args.format == 'savedmodel' else os.path.join(args.out, 'savedmodel')
-      paths = [export_savedmodel(module, variables, saved, image_size=args.image_size,
+      paths = [export_savedmodel(module, variables, saved, prep=prep,
                                  input_size=args.input_size)]
       if args.format == 'tflite':
         paths.append(export_tflite(saved, os.path.join(args.out, 'model.tflite')))

@@ -1,6 +1,6 @@
 """Fine-tuning building blocks: pretrained weights into a new train state, block freezing.
 
-  variables, _, _ = load_pretrained('lite0')                   # or a file / a workdir
+  _, variables, _ = weights.load.load_weights('lite0')         # or a file / a workdir
   state = create_train_state(key, model=model, tx=tx, ...)     # model: 10 classes
   state, report = init_state_from(state, variables, tx=tx)     # all but the head copied
   print(report.summary())
@@ -18,8 +18,8 @@ Freezing is by whole blocks: the stem and the first K MBConv / fused blocks
 (the low-level features) get zero updates (`optax.set_to_zero` through
 `optax.multi_transform`), which also keeps weight decay off them because our
 decay is part of `tx`. Their BatchNorm *statistics* are not parameters: in
-train mode they still follow the new data unless the train step restores them
-(`restore_frozen_batch_stats`), as Keras' frozen layers do.
+train mode they would follow the new data, so the train step restores them
+(`restore_frozen_batch_stats`), as Keras' frozen layers keep theirs.
 
 The weights expect the source variant's input normalisation (Lite: (x - 127)
 / 128); the training config must use the same model family so that our input
@@ -36,10 +36,9 @@ import jax
 import numpy as np
 import optax
 
-from efficientnet_jax import predict
 from efficientnet_jax import state_layout
 from efficientnet_jax.model.architectures import ModelSpec
-from efficientnet_jax import model as model_lib
+from efficientnet_jax.model import network
 from efficientnet_jax.model import stack_block_variables
 
 HEAD = ('classifier',)  # the modules a new label set re-initialises
@@ -71,16 +70,6 @@ class TransferReport:
     if self.unused:
       lines.append(f'unused pretrained: {", ".join(self.unused)}')
     return '\n'.join(lines)
-
-
-def load_pretrained(weights: str, model: str | None = None, *, origin: str | None = None,
-                    config=None, step: int | None = None, ema: bool = True):
-  """(module, {'params', 'batch_stats'}, notes) from 'lite0', a weights file or a workdir.
-
-  The same sources as predict.py's --weights (a workdir needs the `config` it
-  was trained with).
-  """
-  return predict.load_weights(weights, model, origin, config=config, step=step, ema=ema)
 
 
 def _is_head(path: tuple[str, ...]) -> bool:
@@ -142,7 +131,7 @@ def transfer(pretrained: Mapping[str, Any], fresh: Mapping[str, Any], *,
 def init_state_from(state: dict, pretrained: Mapping[str, Any], *, tx,
                     spec: ModelSpec | None = None, allow_partial: bool = False,
                     ) -> tuple[dict, TransferReport]:
-  """A fresh train state (train.create_train_state) with the pretrained backbone.
+  """A fresh train state (state.create_train_state) with the pretrained backbone.
 
   params, batch_stats and the EMA copy start from the transferred values; the
   optimizer state is re-initialised for them; the step stays 0.
@@ -178,7 +167,7 @@ def freeze_mask(tree: Mapping[str, Any], spec: ModelSpec, blocks: int) -> Any:
   """
   frozen = set(frozen_modules(spec, blocks))
   runs = {f'stage_{stage}_repeats': indices
-          for stage, indices in model_lib._scanned_runs(spec)}  # pylint: disable=protected-access
+          for stage, indices in network._scanned_runs(spec)}  # pylint: disable=protected-access
 
   def leaf_frozen(path, _):
     top = path[0].key

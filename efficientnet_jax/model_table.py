@@ -126,7 +126,8 @@ def format_table(rows: list[dict]) -> str:
     lines.append(
         f'{r["model"]:<28}{r["resolution"]:>5}{r["params"]:>14,}'
         f'{_fmt(r["official_params"], ","):>14}{_fmt(r["params_diff"], "d"):>6}'
-        f'{r["macs"] / 1e9:>10.3f}{_fmt(r["published_macs"] and r["published_macs"] / 1e9, ".3g"):>10}'
+        f'{r["macs"] / 1e9:>10.3f}'
+        f'{_fmt(r["published_macs"] and r["published_macs"] / 1e9, ".3g"):>10}'
         f'{_fmt(r["macs_deviation_pct"], "+.1f"):>8}{r["compute_multiple"]:>8.2f}')
   return '\n'.join(lines)
 

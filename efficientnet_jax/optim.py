@@ -96,34 +96,9 @@ def learning_rate_schedule(
   # Linear scaling rule (Goyal et al.): the LR grows with the global batch.
   peak = base_lr * global_batch_size / 256
   warmup_steps = int(warmup_epochs * steps_per_epoch)
-
-  if schedule == 'exponential':
-    decay_steps = int(decay_epochs * steps_per_epoch)
-    if decay_steps < 1:
-      raise ValueError(
-          f'decay_epochs * steps_per_epoch = {decay_epochs * steps_per_epoch} '
-          'is shorter than one step.')
-
-    def decayed_fn(step):
-      # floor_divide keeps integer steps exact, where float32 step / D could
-      # round up onto the next staircase.
-      return peak * jnp.power(decay_rate, jnp.floor_divide(step, decay_steps))
-
-  elif schedule == 'cosine':
-    if total_steps is None or total_steps <= 0:
-      raise ValueError(
-          f"schedule='cosine' needs a positive total_steps, got {total_steps}.")
-
-    def decayed_fn(step):
-      # Clipping holds the LR at its floor instead of rising again when a run
-      # is extended past total_steps.
-      progress = jnp.minimum(step, total_steps) / total_steps
-      return 0.5 * peak * (1.0 + jnp.cos(math.pi * progress))
-
-  else:  # 'constant'
-
-    def decayed_fn(step):
-      return jnp.full(jnp.shape(step), peak, jnp.float32)
+  decayed_fn = _decayed_fn(schedule, peak, steps_per_epoch=steps_per_epoch,
+                           decay_epochs=decay_epochs, decay_rate=decay_rate,
+                           total_steps=total_steps)
 
   def schedule_fn(step):
     step = jnp.asarray(step)
@@ -134,6 +109,29 @@ def learning_rate_schedule(
     return lr
 
   return schedule_fn
+
+
+def _decayed_fn(schedule: str, peak: float, *, steps_per_epoch: int, decay_epochs: float,
+                decay_rate: float, total_steps: int | None):
+  """step -> the schedule's LR before warmup and the floor (see learning_rate_schedule)."""
+  if schedule == 'exponential':
+    decay_steps = int(decay_epochs * steps_per_epoch)
+    if decay_steps < 1:
+      raise ValueError(
+          f'decay_epochs * steps_per_epoch = {decay_epochs * steps_per_epoch} '
+          'is shorter than one step.')
+    # floor_divide keeps integer steps exact, where float32 step / D could
+    # round up onto the next staircase.
+    return lambda step: peak * jnp.power(decay_rate, jnp.floor_divide(step, decay_steps))
+  if schedule == 'cosine':
+    if total_steps is None or total_steps <= 0:
+      raise ValueError(
+          f"schedule='cosine' needs a positive total_steps, got {total_steps}.")
+    # Clipping holds the LR at its floor instead of rising again when a run is
+    # extended past total_steps.
+    return lambda step: 0.5 * peak * (
+        1.0 + jnp.cos(math.pi * jnp.minimum(step, total_steps) / total_steps))
+  return lambda step: jnp.full(jnp.shape(step), peak, jnp.float32)  # 'constant'
 
 
 def _key_name(key: Any) -> str:

@@ -1,10 +1,12 @@
 """The device mesh and the shardings the trainer uses, built in one place.
 
 Data parallelism is `jax.jit` over a `data` mesh axis: the batch is split along
-`data`, params / optimizer state / EMA are replicated. Gradients and BatchNorm
-statistics are then reduced over the *global* batch by construction (sync BN,
-a deliberate choice: the TPU code syncs only within groups of up to 8 cores).
-The axis types are Auto because linen's Dropout fails under Explicit axes.
+`data`, params / optimizer state / EMA are replicated. Gradients are then
+reduced over the global batch by construction; BatchNorm statistics too, or
+within groups of consecutive replicas as the official TPU code does
+(`config.bn_group_size`, `bn_groups.py`; the model reshapes the batch into its
+groups, so XLA reduces each group's statistics among its own devices). The
+axis types are Auto because linen's Dropout fails under Explicit axes.
 
 `config.sharding` picks where the train state lives (`state_shardings`):
 'replicate' keeps a full copy on every device; 'fsdp' splits each large leaf
@@ -34,6 +36,9 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 # scale or a bias saves nothing and costs a gather per use.
 FSDP_MIN_SIZE = 2**12
 
+
+# Where the train state lives: a copy per device, or large leaves split over `data`.
+MODES = ('replicate', 'fsdp')
 
 def make_mesh(devices=None, model: int = 1) -> jax.sharding.Mesh:
   """A 1-D `data` mesh, or with `model` > 1 a (devices // model, model) `data x model` one."""
@@ -132,8 +137,8 @@ def mesh2d_spec(shape: tuple[int, ...], data_size: int, model_size_: int, *,
 
 def state_shardings(abstract_state, mesh, mode: str = 'replicate'):
   """A NamedSharding for every leaf of `abstract_state` (shapes only), by `mode` and mesh."""
-  if mode not in ('replicate', 'fsdp'):
-    raise ValueError(f"sharding={mode!r}; accepted: replicate, fsdp")
+  if mode not in MODES:
+    raise ValueError(f"sharding={mode!r}; accepted: {', '.join(MODES)}")
   data, model = mesh.shape['data'], model_size(mesh)
   if model == 1 and mode == 'replicate':
     return jax.tree.map(lambda _: replicated(mesh), abstract_state)

@@ -7,8 +7,8 @@ need this layout.
 
 'flat': the optimizer, weight decay included, runs on all parameters
 concatenated into one vector (`optim._flat_chain`), and the EMA of
-{params, batch_stats} is one vector too. The math is the same; what changes is the number of kernels. XLA
-gives each output array its own kernel, and XLA:CPU does not merge the
+{params, batch_stats} is one vector too. The math is the same; what changes is
+the number of kernels. XLA gives each output array its own kernel, and XLA:CPU does not merge the
 per-leaf ones, so per-leaf updates cost four kernels per parameter (moment,
 trace, parameter, EMA), and compile time goes with the kernel count. Flat, the
 slots and the EMA are a handful of large kernels; only the parameters, which

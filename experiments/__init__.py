@@ -1,1 +1,1 @@
-"""Reproducible studies of the EfficientNet paper (issue 8); see experiments/README.md."""
+"""Reproducible studies of the EfficientNet paper; see experiments/README.md."""

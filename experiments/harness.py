@@ -34,6 +34,7 @@ import sys
 import time
 from typing import Any, Callable, Mapping, Sequence
 
+from efficientnet_jax import experiment
 from efficientnet_jax import cpu_tuning
 
 RESULT_FILE = 'result.json'  # written once a point's final eval is done
@@ -115,10 +116,10 @@ def point_config(study: Study, point: Point, extra: Mapping[str, Any] | None = N
   config = study.base_config()
   # Imported here: config_checks pulls in TensorFlow (the augmentation names),
   # which --list and --collect_only never need.
-  from efficientnet_jax import config_checks  # pylint: disable=g-import-not-at-top
-  config_checks.set_fields(config, point.overrides)
+  from efficientnet_jax import config_lib  # pylint: disable=g-import-not-at-top
+  config_lib.set_fields(config, point.overrides)
   if extra:
-    config_checks.set_fields(config, extra)
+    config_lib.set_fields(config, extra)
   return config
 
 
@@ -129,10 +130,9 @@ def model_counts(config) -> dict:
   spec = architectures.spec_from_config(config.model)
   num_classes = config.num_classes if config.num_classes > 0 else None
   if num_classes is None:
-    from efficientnet_jax import train  # pylint: disable=g-import-not-at-top
     from efficientnet_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
     num_classes = input_pipeline.dataset_info(
-        train.data_spec_from_config(config.data))['num_classes']
+        experiment.data_spec_from_config(config.data))['num_classes']
   resolution = (config.eval_image_size if config.eval_image_size > 0
                 else spec.eval_resolution)
   return {'model': spec.name, 'width': spec.width, 'depth': spec.depth,
@@ -187,14 +187,15 @@ def run_point(study: Study, point: Point, workdir: str,
   os.makedirs(workdir, exist_ok=True)
   start = time.perf_counter()
   devices = jax.devices()[:num_devices] if num_devices > 0 else None
-  final = train.run(config, workdir, devices=devices)
+  outcome = train.run(config, workdir, devices=devices)
   wall = time.perf_counter() - start
   with open(os.path.join(workdir, SEGMENTS_FILE), 'a', encoding='utf-8') as f:
     f.write(json.dumps({'wall_s': wall, 'time': time.time(),
-                        'preempted': 'preempted_at' in final}) + '\n')
-  if 'preempted_at' in final:
-    raise Preempted(f'{point.name}: SIGTERM, saved step {final["preempted_at"]}; '
+                        'preempted': outcome.preempted}) + '\n')
+  if outcome.preempted:
+    raise Preempted(f'{point.name}: SIGTERM, saved step {outcome.step}; '
                     'run the same command again to resume')
+  final = outcome.eval
   segments = read_jsonl(os.path.join(workdir, SEGMENTS_FILE))
   result = {'point': point.name, 'overrides': _jsonable(point.overrides),
             'info': _jsonable(point.info), 'steps': int(final['step']),

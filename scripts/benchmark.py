@@ -1,7 +1,7 @@
 """EfficientNet train/eval throughput, compile time and peak memory, side by side with peers.
 
 Systems (`--systems`, comma separated, each `name[:key=value[,key=value]]`):
-  ours          this repository's model and `train.train_step` (RMSProp, EMA,
+  ours          this repository's model and `steps.train_step` (RMSProp, EMA,
                 label smoothing); eval is `model.infer` (micro-batched on
                 CPU). Options are `create_model` keywords, e.g. `ours:remat=1`,
                 `ours:scan_blocks=1`, `ours:bn_impl=flax`, and `infer_chunk=N`
@@ -26,7 +26,8 @@ on a shared machine hits every system alike. Each turn starts with
 while another system ran (our B0 step's 3.6 GB of buffers, re-faulted at up
 to 2x the step time) is timed warm, as a training job that owns its cores
 runs. Step time = the median over rounds of (wall time of `--steps` steps
-with one host sync at the end) / steps. `--isolate` runs the systems one after another instead (lower memory).
+with one host sync at the end) / steps. `--isolate` runs the systems one after another instead
+(lower memory).
 
 Memory: `peak_rss_mb` is the worker's ru_maxrss; `info.train_xla_memory_mb` is
 XLA's buffer assignment for our train step (arguments, outputs, temporaries),
@@ -59,7 +60,6 @@ import time
 from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 PEERS = ('keras_jax', 'keras_tf', 'keras_tf_xla', 'torch')
 SYSTEMS = ('ours',) + PEERS
@@ -71,7 +71,8 @@ _REPLY = '@@benchmark '  # prefix of protocol lines; frameworks also print to st
 from efficientnet_jax import cpu_tuning  # noqa: E402
 
 KERAS_NAMES = {f'b{i}': f'EfficientNetB{i}' for i in range(8)}
-KERAS_NAMES.update({'v2_s': 'EfficientNetV2S', 'v2_m': 'EfficientNetV2M', 'v2_l': 'EfficientNetV2L'})
+KERAS_NAMES.update({'v2_s': 'EfficientNetV2S', 'v2_m': 'EfficientNetV2M',
+                    'v2_l': 'EfficientNetV2L'})
 KERAS_NAMES.update({f'v2_b{i}': f'EfficientNetV2B{i}' for i in range(4)})
 TIMM_NAMES = {f'b{i}': f'efficientnet_b{i}' for i in range(8)}
 TIMM_NAMES.update({'v2_s': 'tf_efficientnetv2_s', 'v2_m': 'tf_efficientnetv2_m',
@@ -97,7 +98,10 @@ def parse_system(spec: str) -> tuple[str, dict[str, str]]:
 
 
 def split_systems(text: str) -> list[str]:
-  """'ours,ours:a=1,b=2,keras_tf' -> ['ours', 'ours:a=1,b=2', 'keras_tf'] (options also use commas)."""
+  """'ours,ours:a=1,b=2,keras_tf' -> ['ours', 'ours:a=1,b=2', 'keras_tf'].
+
+  Options use commas too, so a new system starts only at a known system name.
+  """
   specs: list[str] = []
   for token in filter(None, text.split(',')):
     if token.partition(':')[0] in SYSTEMS or not specs:
@@ -167,7 +171,7 @@ def _labels(batch: int, classes: int):
 
 
 class OursRunner(Runner):
-  """`create_model` + `train.train_step` / `model.apply`, jitted with donation."""
+  """`create_model` + `steps.train_step` / `model.apply`, jitted with donation."""
 
   def setup(self, cfg, modes):
     import functools
@@ -177,7 +181,8 @@ class OursRunner(Runner):
     import numpy as np
 
     from efficientnet_jax import optim
-    from efficientnet_jax import train
+    from efficientnet_jax import state as state_lib
+    from efficientnet_jax import steps
     from efficientnet_jax.model import create_model
     from efficientnet_jax.model import infer
 
@@ -206,7 +211,7 @@ class OursRunner(Runner):
       tx = optim.make_optimizer(name='rmsprop', learning_rate=0.016 * batch / 256,
                                 weight_decay=1e-5, weight_decay_mask=optim.weight_decay_mask,
                                 flat=layout == 'flat')
-      init = functools.partial(train.create_train_state, model=model, tx=tx, image_size=size,
+      init = functools.partial(state_lib.create_train_state, model=model, tx=tx, image_size=size,
                                layout=layout)
       if cfg.get('compile_only'):  # shapes suffice; B7's state alone is ~1 GB
         state = jax.eval_shape(init, jax.random.key(0))
@@ -217,7 +222,7 @@ class OursRunner(Runner):
       if not cfg.get('compile_only'):
         data = {'image': jnp.asarray(_images(rng, batch, size, -2, 2)),
                 'label': jnp.asarray(_labels(batch, 1000))}
-      step = jax.jit(functools.partial(train.train_step, model=model, tx=tx, ema_decay=0.9999,
+      step = jax.jit(functools.partial(steps.train_step, model=model, tx=tx, ema_decay=0.9999,
                                        label_smoothing=0.1), donate_argnums=0,
                      compiler_options=compiler_options)
       lowered = step.lower(state, data, jax.random.key(1))
@@ -700,14 +705,15 @@ def run_latency(args) -> dict:
     name = f'b{i}'
     size = architectures.get_spec(name).resolution
     _log(args, f'{name} @ {size}: latency (batch 1, 1 core)' + (
-        f', throughput (batch {args.throughput_batch}, all cores)' if args.throughput_batch else ''))
+        f', throughput (batch {args.throughput_batch}, all cores)' if args.throughput_batch
+        else ''))
     models[name] = {'image_size': size,
                     'latency': one('ours:threads=1', name, size, 1, args.latency_steps),
                     'throughput': one('ours', name, size, args.throughput_batch,
                                       max(1, args.latency_steps // 4))
                                   if args.throughput_batch else {}}
-  return {'date': time.strftime('%Y-%m-%d %H:%M'), 'host': cpu_tuning.host_info(), 'malloc': args.malloc,
-          'table4': table4, 'models': models}
+  return {'date': time.strftime('%Y-%m-%d %H:%M'), 'host': cpu_tuning.host_info(),
+          'malloc': args.malloc, 'table4': table4, 'models': models}
 
 
 def print_latency(result: dict) -> None:

@@ -25,10 +25,8 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from efficientnet_jax import data  # noqa: E402  (after the path fix-up)
-from efficientnet_jax.data import fashion_mnist  # noqa: E402
+from efficientnet_jax import data
+from efficientnet_jax.data import fashion_mnist
 
 
 def _prepare(data_dir: str, source_dir: str | None) -> float | None:

@@ -54,13 +54,12 @@ CHILD_TIMEOUT_S = 300  # a run that takes longer than this is reported as hung
 
 
 def _child_main(fault: str, at_step: int, train_argv: list[str]) -> None:
-  sys.path.insert(0, REPO)
   os.chdir(REPO)
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from efficientnet_jax import train as trainer  # pylint: disable=g-import-not-at-top
+  from efficientnet_jax import steps  # pylint: disable=g-import-not-at-top
 
   if fault == 'nan':
-    real_step = trainer.train_step
+    real_step = steps.train_step
 
     def nan_step(state, batch, key, **kwargs):
       # The step that takes the state past `at_step` (and every later one)
@@ -68,7 +67,7 @@ def _child_main(fault: str, at_step: int, train_argv: list[str]) -> None:
       scale = jnp.where(state['step'] >= at_step, jnp.nan, 1.0)
       return real_step(state, {**batch, 'image': batch['image'] * scale}, key, **kwargs)
 
-    trainer.train_step = nan_step  # looked up when `run` builds the jitted step
+    steps.train_step = nan_step  # looked up when `run` builds the jitted step
   elif fault == 'disk_full':
     real_rename = os.rename
     tmp_name = f'{at_step}.orbax-checkpoint-tmp'
@@ -82,10 +81,9 @@ def _child_main(fault: str, at_step: int, train_argv: list[str]) -> None:
     os.rename = full_disk_rename
   else:
     raise SystemExit(f'--child={fault}; accepted: nan, disk_full')
-  import train as cli  # pylint: disable=g-import-not-at-top  (the repo's train.py)
-  from absl import app  # pylint: disable=g-import-not-at-top
+  import runpy  # pylint: disable=g-import-not-at-top
   sys.argv = ['train.py', *train_argv]
-  app.run(cli.main)
+  runpy.run_path(os.path.join(REPO, 'train.py'), run_name='__main__')  # the repo's train.py
 
 
 # ---------------------------------------------------------------------------
@@ -150,8 +148,8 @@ def train_argv(workdir: str, fields: dict) -> list[str]:
 
 def config_from(fields: dict):
   from configs import base  # pylint: disable=g-import-not-at-top
-  from efficientnet_jax import config_checks  # pylint: disable=g-import-not-at-top
-  return config_checks.set_fields(base.get_config('smoke'), fields)
+  from efficientnet_jax import config_lib  # pylint: disable=g-import-not-at-top
+  return config_lib.set_fields(base.get_config('smoke'), fields)
 
 
 # ---------------------------------------------------------------------------
@@ -260,12 +258,13 @@ class Inspector:
   def __init__(self, fields: dict):
     import jax  # pylint: disable=g-import-not-at-top
     from efficientnet_jax import checkpointing  # pylint: disable=g-import-not-at-top
-    from efficientnet_jax import train as trainer  # pylint: disable=g-import-not-at-top
+    from efficientnet_jax import experiment  # pylint: disable=g-import-not-at-top
+    from efficientnet_jax import state  # pylint: disable=g-import-not-at-top
     self._jax, self._ckpt = jax, checkpointing
     self._lock = threading.Lock()
     from efficientnet_jax import sharding  # pylint: disable=g-import-not-at-top
-    exp = trainer.build_experiment(config_from(fields), device_count=1)
-    self._abstract = trainer.abstract_state(exp, exp.layout,
+    exp = experiment.build_experiment(config_from(fields), device_count=1)
+    self._abstract = state.abstract_state(exp, exp.layout,
                                             sharding.make_mesh(jax.devices()[:1]), 'replicate')
 
   def restore(self, workdir: str, step: int):
@@ -625,15 +624,16 @@ class Drill:
   # -- bad images -------------------------------------------------------------
 
   def bad_images(self, planted: dict, reference: dict) -> dict:
-    from efficientnet_jax import train as trainer  # pylint: disable=g-import-not-at-top
+    from efficientnet_jax import experiment  # pylint: disable=g-import-not-at-top
     from efficientnet_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
-    spec = trainer.data_spec_from_config(config_from(self.fields()).data)
+    spec = experiment.data_spec_from_config(config_from(self.fields()).data)
     info = input_pipeline.dataset_info(spec)
     out = {'planted_bad_files': planted['bad'], 'num_skipped': info['num_skipped'],
            'num_train': info['num_train'], 'num_eval': info['num_eval'],
            'good_train': planted['good_train'], 'good_eval': planted['good_test'],
            'training_completed': bool(reference)}
-    out['ok'] = (info['num_skipped'] == planted['bad'] and info['num_train'] == planted['good_train']
+    out['ok'] = (info['num_skipped'] == planted['bad']
+                 and info['num_train'] == planted['good_train']
                  and info['num_eval'] == planted['good_test'] and out['training_completed'])
     self.check(out['ok'], f'bad images: {out}')
     return out
@@ -647,7 +647,6 @@ class Drill:
     self.log(f'image folder {self.data_dir}: {planted["good_train"]} + {planted["good_test"]} '
              f'good, {planted["bad"]} bad files; devices {self.args.devices}, '
              f'{self.args.steps} steps, checkpoint every step')
-    sys.path.insert(0, REPO)
     self.inspector = Inspector(self.fields())
     self.result = {'trials': 0}
     reference = self.reference()
@@ -728,7 +727,9 @@ def format_table(r: dict) -> str:
   width = max((len(name) for _, name, _ in rows), default=10)
   lines = [f'{"":4}  {"fault":{width}}  outcome']
   lines += [f'{ok}  {name:{width}}  {detail}' for ok, name, detail in rows]
-  lines.append(f'wall {r.get("wall_s")} s; {"all checks passed" if r.get("ok") else "FAILED: " + "; ".join(x[:200] for x in r.get("failures", []))}')
+  verdict = ('all checks passed' if r.get('ok')
+             else 'FAILED: ' + '; '.join(x[:200] for x in r.get('failures', [])))
+  lines.append(f'wall {r.get("wall_s")} s; {verdict}')
   return '\n'.join(lines)
 
 

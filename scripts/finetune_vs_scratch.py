@@ -6,7 +6,7 @@ A small standalone measurement (no workdir, no checkpoints): the first
 `--train` Fashion-MNIST training images and `--test` test images from
 /usr/share/datasets/fashion-mnist, resized once to `--size` px (PIL bicubic,
 grey -> RGB, Lite normalisation), then for each run the same number of steps
-of train.train_step (RMSProp, cosine LR with 5 % warmup, label smoothing 0.1)
+of steps.train_step (RMSProp, cosine LR with 5 % warmup, label smoothing 0.1)
 at batch `--batch`, and top-1 on the test images with the raw and EMA
 weights. Runs:
   finetune   Lite0 with the pretrained backbone (finetune.init_state_from), new head
@@ -20,22 +20,21 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from efficientnet_jax import finetune  # noqa: E402
-from efficientnet_jax import optim  # noqa: E402
-from efficientnet_jax import predict  # noqa: E402
-from efficientnet_jax import train  # noqa: E402
-from efficientnet_jax.data import fashion_mnist  # noqa: E402
+from efficientnet_jax.weights import load as weights_load
+from efficientnet_jax import state as state_lib
+from efficientnet_jax import steps
+from efficientnet_jax import finetune
+from efficientnet_jax import optim
+from efficientnet_jax import predict
+from efficientnet_jax.data import fashion_mnist
 
 
 def load(split: str, count: int, size: int):
@@ -55,7 +54,7 @@ def run(name, *, model, pretrained, lr, freeze_blocks, data, args):
       total_steps=args.steps)
   tx = optim.make_optimizer(name='rmsprop', learning_rate=schedule, weight_decay=1e-5,
                             weight_decay_mask=optim.weight_decay_mask)
-  state = train.create_train_state(jax.random.key(args.seed), model=model, tx=tx,
+  state = state_lib.create_train_state(jax.random.key(args.seed), model=model, tx=tx,
                                    image_size=args.size)
   copied = 0
   if freeze_blocks:
@@ -65,7 +64,7 @@ def run(name, *, model, pretrained, lr, freeze_blocks, data, args):
     copied = len(report.copied)
   elif freeze_blocks:
     state = dict(state, opt_state=tx.init(state['params']))
-  step = jax.jit(functools.partial(train.train_step, model=model, tx=tx,
+  step = jax.jit(functools.partial(steps.train_step, model=model, tx=tx,
                                    ema_decay=args.ema_decay, label_smoothing=0.1),
                  donate_argnums=0)
   evaluate = jax.jit(lambda v, x: jnp.argmax(model.apply(v, x, train=False), -1))
@@ -118,7 +117,7 @@ def main():
   args = parser.parse_args()
   start = time.perf_counter()
   data = (load('train', args.train, args.size), load('test', args.test, args.size))
-  source, pretrained, _ = finetune.load_pretrained('lite0')
+  source, pretrained, _ = weights_load.load_weights('lite0')
   # The module the weights were trained as (TF SAME padding, BN epsilon 1e-3),
   # with a 10-way head; the scratch runs use the same module.
   model = source.clone(num_classes=10)

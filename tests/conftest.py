@@ -18,3 +18,12 @@ import tempfile  # noqa: E402
 jax.config.update('jax_compilation_cache_dir',
                   os.path.join(tempfile.gettempdir(), 'efficientnet_jax_test_cache'))
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope='session')
+def data_root(tmp_path_factory):
+  """Fake Fashion-MNIST (40 train / 13 test) for the smoke runs (tests/smoke_run.py)."""
+  from tests import smoke_run  # pylint: disable=g-import-not-at-top
+  return smoke_run.write_fake_data(tmp_path_factory.mktemp('fashion'))

@@ -19,25 +19,8 @@ from tests import smoke_run
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope='module')
-def data_root(tmp_path_factory):
-  return smoke_run.write_fake_data(tmp_path_factory.mktemp('fashion'))
-
-
 _config = smoke_run.smoke_config
-
-
-def _snapshot(path):
-  """(relative path, size, mtime) of everything under `path`; [] when absent."""
-  if not path.exists():
-    return []
-  out = []
-  for dirpath, dirnames, filenames in os.walk(path):
-    for name in sorted(dirnames + filenames):
-      p = os.path.join(dirpath, name)
-      st = os.stat(p)
-      out.append((os.path.relpath(p, path), st.st_size, st.st_mtime_ns))
-  return sorted(out)
+_snapshot = smoke_run.snapshot
 
 
 @pytest.mark.parametrize('overrides,message', [

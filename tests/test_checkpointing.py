@@ -1,4 +1,4 @@
-"""Tests for efficientnet_jax.checkpointing (pitfalls W2, W3 and E3)."""
+"""Tests for efficientnet_jax.checkpointing: atomic saves, resume, corruption and bad metrics."""
 
 import gc
 import logging

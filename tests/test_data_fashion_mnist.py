@@ -6,32 +6,11 @@ import numpy as np
 import pytest
 
 from efficientnet_jax.data import fashion_mnist
+from tests.smoke_run import fake_image_value
+from tests.smoke_run import write_idx
+from tests.smoke_run import write_fake_fashion_mnist
 
 REAL_DIR = fashion_mnist.DEFAULT_SOURCE_DIR
-
-
-def _write_idx(path, magic, array):
-  header = np.array([magic, *array.shape], '>u4').tobytes()
-  with gzip.open(path, 'wb') as f:
-    f.write(header + array.astype(np.uint8).tobytes())
-
-
-def fake_image_value(split: str, index: int) -> int:
-  """The constant pixel value of fake image `index` (distinct per split)."""
-  return 5 + 7 * index + (0 if split == 'train' else 3)
-
-
-def write_fake_fashion_mnist(directory, num_train=20, num_test=10):
-  """Writes the 4 IDX .gz files; image i is constant fake_image_value(i), label i % 10."""
-  os.makedirs(directory, exist_ok=True)
-  for split, count in (('train', num_train), ('test', num_test)):
-    images_file, labels_file = fashion_mnist.FILES[split]
-    values = np.array([fake_image_value(split, i) for i in range(count)])
-    images = np.broadcast_to(values[:, None, None], (count, 28, 28))
-    _write_idx(os.path.join(directory, images_file), 2051, images)
-    _write_idx(os.path.join(directory, labels_file), 2049,
-               np.arange(count) % 10)
-  return str(directory)
 
 
 def test_builder_prepares_offline_from_fake_files(tmp_path):
@@ -69,7 +48,7 @@ def test_missing_file_names_it_and_the_package(tmp_path):
 
 def test_bad_magic_and_bad_length_name_the_file(tmp_path):
   path = str(tmp_path / 'labels.gz')
-  _write_idx(path, 2051, np.zeros(3))  # image magic on a label file
+  write_idx(path, 2051, np.zeros(3))  # image magic on a label file
   with pytest.raises(ValueError, match='labels.gz.*magic 2051.*2049'):
     fashion_mnist.read_labels(path)
   with gzip.open(path, 'wb') as f:

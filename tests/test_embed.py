@@ -9,10 +9,12 @@ import pytest
 from PIL import Image
 
 from efficientnet_jax import embed
+from efficientnet_jax import eval_presets
 from efficientnet_jax import predict
+from efficientnet_jax.weights import load as weights_load
 from efficientnet_jax.model.architectures import v1_spec
 from efficientnet_jax.model import create_model
-from tests.test_data_fashion_mnist import write_fake_fashion_mnist
+from tests.smoke_run import write_fake_fashion_mnist
 
 SIZE = 32
 
@@ -41,7 +43,8 @@ def test_embed_matches_model_features(tiny, folder):
   module, variables = tiny
   paths, labels, classes = embed.list_folder(str(folder))
   assert classes == ['cats', 'dogs'] and labels == [0, 0, 0, 1, 1, 1, 1]
-  images = [predict.load_image(p, SIZE) for p in paths if not p.endswith('broken.jpg')]
+  prep = eval_presets.eval_preprocessing(module.spec, 'tf', image_size=SIZE)
+  images = [predict.load_image(p, prep) for p in paths if not p.endswith('broken.jpg')]
   out = embed.embed(iter(images), len(images), module, variables, batch_size=4,
                     endpoints=True, progress=False)
   assert out['features'].shape == (6, module.spec.head_features)
@@ -59,7 +62,7 @@ def test_cli_folder(tiny, folder, tmp_path, capsys, monkeypatch):
   module, variables = tiny
   # The weight loaders have their own tests (test_predict, test_weights_*);
   # here the CLI gets the tiny module.
-  monkeypatch.setattr(predict, 'load_weights_from_args', lambda args: (module, variables, []))
+  monkeypatch.setattr(weights_load, 'load_weights_from_args', lambda args: (module, variables, []))
   out = tmp_path / 'out' / 'feats.npy'
   status = embed.main([f'--folder={folder}', f'--out={out}', '--endpoints',
                        '--raw_endpoints', '--batch_size=4'])
@@ -79,7 +82,7 @@ def test_cli_folder(tiny, folder, tmp_path, capsys, monkeypatch):
 def test_cli_tfds_fashion_mnist(tiny, tmp_path, capsys, monkeypatch):
   module, variables = tiny
   source = write_fake_fashion_mnist(tmp_path / 'idx', num_train=4, num_test=10)
-  monkeypatch.setattr(predict, 'load_weights_from_args', lambda args: (module, variables, []))
+  monkeypatch.setattr(weights_load, 'load_weights_from_args', lambda args: (module, variables, []))
   out = tmp_path / 'fm.npy'
   status = embed.main(['--tfds=fashion_mnist:test', f'--data_dir={tmp_path / "tfds"}',
                        f'--source_dir={source}', '--limit=6', f'--out={out}',

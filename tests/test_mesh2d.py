@@ -14,6 +14,8 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from efficientnet_jax import state as state_lib
+from efficientnet_jax import steps
 from efficientnet_jax.model import architectures
 from efficientnet_jax import evaluate
 from efficientnet_jax import optim
@@ -22,9 +24,8 @@ from efficientnet_jax import state_layout
 from efficientnet_jax import train
 from efficientnet_jax.model import create_model
 from tests import state_compare
-from tests.test_bad_input import _config
-from tests.test_bad_input import _snapshot
-from tests.test_bad_input import data_root  # noqa: F401  (the fixture)
+from tests.smoke_run import smoke_config as _config
+from tests.smoke_run import snapshot as _snapshot
 
 
 def _tx():
@@ -34,7 +35,7 @@ def _tx():
 
 def _ideal_ratio(model, tx, image_size, data, model_axis, fsdp):
   """Replicated / 2-D bytes per device of params + optimizer state, from shapes alone."""
-  init_fn = functools.partial(train.create_train_state, model=model, tx=tx,
+  init_fn = functools.partial(state_lib.create_train_state, model=model, tx=tx,
                               image_size=image_size)
   abstract = jax.eval_shape(init_fn, jax.random.key(0))
   full = sharded = 0
@@ -87,7 +88,7 @@ def test_2d_step_equals_replicated_step_and_divides_state_bytes():
   # comparison sees what the `model` axis changes.
   spec = dataclasses.replace(architectures.v1_spec(1.0, 0.25, 32, 0.2), bn_momentum=0.9)
   model, tx = create_model(spec, num_classes=16), _tx()
-  init_fn = functools.partial(train.create_train_state, model=model, tx=tx, image_size=32)
+  init_fn = functools.partial(state_lib.create_train_state, model=model, tx=tx, image_size=32)
   abstract = jax.eval_shape(init_fn, jax.random.key(0))
   rng = np.random.default_rng(0)
   batch = {'image': rng.normal(size=(16, 32, 32, 3)).astype(np.float32),
@@ -105,7 +106,7 @@ def test_2d_step_equals_replicated_step_and_divides_state_bytes():
     if not step_it:
       continue
     replicated, batch_sharding = sharding.replicated(mesh), sharding.batch_sharding(mesh)
-    step = jax.jit(functools.partial(train.train_step, model=model, tx=tx, ema_decay=0.99,
+    step = jax.jit(functools.partial(steps.train_step, model=model, tx=tx, ema_decay=0.99,
                                      label_smoothing=0.1),
                    in_shardings=(shardings, batch_sharding, replicated),
                    out_shardings=(shardings, replicated))
@@ -138,16 +139,16 @@ def test_b7_ratio_from_shapes():
   assert ratios[(4, 2, True)] > 7.5 and ratios[(2, 4, True)] > 7.5
 
 
-def test_restore_2d_onto_1d_and_back(data_root, tmp_path):  # noqa: F811
+def test_restore_2d_onto_1d_and_back(data_root, tmp_path):
   devices, workdir = jax.devices(), str(tmp_path / 'w')
   config_2d = _config(data_root, train_steps=2, sharding='fsdp', mesh_model=2)
   train.run(config_2d, workdir)  # 2 steps on a 4x2 FSDP mesh
   # The step-2 checkpoint read onto its own layout and onto one device: the same bits.
   # One device replicates, so it holds the state flat (state_layout.py); cut
   # back into per-leaf arrays it is the 2-D checkpoint exactly.
-  _, on_2d, _ = train.load_checkpoint(config_2d, workdir, step=2)
+  _, on_2d, _ = state_lib.load_checkpoint(config_2d, workdir, step=2)
   assert on_2d['params']['head_conv']['kernel'].sharding.spec == P(None, None, 'data', 'model')
-  _, on_1, _ = train.load_checkpoint(_config(data_root), workdir, step=2,
+  _, on_1, _ = state_lib.load_checkpoint(_config(data_root), workdir, step=2,
                                      mesh=sharding.make_mesh(devices[:1]))
   assert on_1['ema'].ndim == 1
   per_leaf = jax.jit(lambda s: state_layout.relayout(s, jax.eval_shape(lambda: on_2d)))(on_1)
@@ -155,7 +156,7 @@ def test_restore_2d_onto_1d_and_back(data_root, tmp_path):  # noqa: F811
   for (path, x), y in zip(flat_2d, jax.tree.leaves(jax.device_get(per_leaf))):
     np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
   # One more step on 1 device, then back: evaluate.py on a 2x4 mesh repeats its eval.
-  result = train.run(_config(data_root, train_steps=3), workdir, devices=devices[:1])
+  result = train.run(_config(data_root, train_steps=3), workdir, devices=devices[:1]).eval
   assert result['count'] == 13
   again = evaluate.evaluate_checkpoint(_config(data_root, mesh_model=4), workdir)
   assert again['step'] == 3
@@ -182,7 +183,7 @@ def test_restore_2d_onto_1d_and_back(data_root, tmp_path):  # noqa: F811
      r"^eval_batch_size=3 is not divisible by the data-axis size 2 \(8 devices / "
      r"mesh_model=4\); use a multiple of 2$"),
 ])
-def test_bad_mesh_model_is_one_line_naming_the_field(data_root, tmp_path, overrides,  # noqa: F811
+def test_bad_mesh_model_is_one_line_naming_the_field(data_root, tmp_path, overrides,
                                                      message):
   workdir = tmp_path / 'w'
   with pytest.raises(ValueError, match=message) as error:

@@ -18,7 +18,8 @@ from efficientnet_jax import model_table
 from efficientnet_jax.model import create_model
 from efficientnet_jax.weights import keras as keras_import
 from efficientnet_jax.weights.report import ImportReport, finish, match_variables, variable_template
-from tests.test_keras_parity import ATOL, MIN_LOGIT_STD, _randomize
+from tests.keras_helpers import ATOL, MIN_LOGIT_STD
+from tests.keras_helpers import randomize as _randomize
 
 # name -> (Keras alpha, trainable params, total params incl. BN statistics, paper MACs)
 OFFICIAL = {

@@ -1,4 +1,4 @@
-"""Architecture numbers against the official figures (architecture.md, pitfalls.md A1-A12, S1-S4, B1)."""
+"""Architecture numbers against the official figures (tensorflow/tpu, google/automl, Keras)."""
 
 import dataclasses
 import functools

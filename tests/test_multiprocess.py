@@ -8,9 +8,8 @@ import sys
 import jax
 import numpy as np
 
-from efficientnet_jax import train
-from tests.test_bad_input import _config
-from tests.test_bad_input import data_root  # noqa: F401  (the fixture)
+from efficientnet_jax import state as state_lib
+from tests.smoke_run import smoke_config as _config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 3
@@ -31,7 +30,7 @@ def _flags(data_root, workdir):
           '--config.compilation_cache_dir=none']
 
 
-def test_two_processes_match_one_process(data_root, tmp_path):  # noqa: F811
+def test_two_processes_match_one_process(data_root, tmp_path):
   # Both sides run as fresh `train.py` processes with the same environment, so
   # nothing a test before this one left in this process (JAX's compilation
   # cache, config) can make them differ.
@@ -66,8 +65,8 @@ def test_two_processes_match_one_process(data_root, tmp_path):  # noqa: F811
   # Eval saw every one of the 13 test examples exactly once across the processes.
   assert 'eval step 3:' in outputs[0] and '13 examples' in outputs[0]
 
-  _, a, step_a = train.load_checkpoint(_config(data_root), str(reference))
-  _, b, step_b = train.load_checkpoint(_config(data_root), str(workdir))
+  _, a, step_a = state_lib.load_checkpoint(_config(data_root), str(reference))
+  _, b, step_b = state_lib.load_checkpoint(_config(data_root), str(workdir))
   assert step_a == step_b == STEPS
   a, b = jax.device_get(a), jax.device_get(b)
   for tree in ('params', 'batch_stats', 'ema'):

@@ -1,4 +1,4 @@
-"""The CPU fast paths compute the same numbers as the plain ones (speed is scripts/benchmark.py's job).
+"""The CPU fast paths compute the same numbers as the plain ones (speed: scripts/benchmark.py).
 
 Every opt-in or platform-picked formulation is checked against the reference
 one on tiny inputs: values, gradients and BN statistics to 1e-5 relative.
@@ -17,13 +17,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from efficientnet_jax import state as state_lib
+from efficientnet_jax import steps
 from efficientnet_jax.model import architectures
 from efficientnet_jax import cpu_tuning
 from efficientnet_jax.model import blocks
 from efficientnet_jax.model import kernels
 from efficientnet_jax import optim
 from efficientnet_jax.model import remat as remat_lib
-from efficientnet_jax import train
 from efficientnet_jax.model import create_model, infer, resolve_infer_chunk
 from efficientnet_jax.model import stack_block_variables, unstack_block_variables
 
@@ -227,11 +228,11 @@ def test_cpu_train_opt_level_compiles_the_same_train_step():
   model = create_model(spec, num_classes=10)
   tx = optim.make_optimizer(name='rmsprop', learning_rate=0.01, weight_decay=1e-5,
                             weight_decay_mask=optim.weight_decay_mask, flat=True)
-  state = jax.jit(functools.partial(train.create_train_state, model=model, tx=tx, image_size=32,
+  state = jax.jit(functools.partial(state_lib.create_train_state, model=model, tx=tx, image_size=32,
                                     layout='flat'))(jax.random.key(0))
   batch = {'image': jax.random.normal(jax.random.key(1), (4, 32, 32, 3)),
            'label': jax.nn.one_hot(jnp.arange(4) % 10, 10)}
-  step = functools.partial(train.train_step, model=model, tx=tx, ema_decay=0.99,
+  step = functools.partial(steps.train_step, model=model, tx=tx, ema_decay=0.99,
                            label_smoothing=0.1)
   options = cpu_tuning.train_compiler_options('cpu')
   assert options == {'xla_backend_optimization_level': cpu_tuning.CPU_TRAIN_OPT_LEVEL}

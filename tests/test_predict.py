@@ -1,5 +1,6 @@
 """The prediction CLI: class names, preprocessing, real Lite0 ImageNet predictions, errors."""
 
+import dataclasses
 import json
 
 import jax
@@ -7,6 +8,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from efficientnet_jax import config_lib
+from efficientnet_jax import eval_presets
+from efficientnet_jax.data import preprocessing
+from efficientnet_jax.model import architectures
+from efficientnet_jax.weights import load as weights_load
+from efficientnet_jax import state as state_lib
 from efficientnet_jax import predict
 from efficientnet_jax import state_layout
 from efficientnet_jax.weights import pytorch
@@ -27,20 +34,28 @@ def test_class_name_anchors():
   assert predict.class_name(3, 10) == 'class 3'
 
 
-def test_load_image_resizes_short_side_and_crops_centre(tmp_path):
+def test_load_image_is_the_eval_preprocessing_of_training(tmp_path):
   # A 300x450 (h x w) image whose columns are marked: the crop must be the centre.
   image = np.zeros((300, 450, 3), np.uint8)
   image[:, :, 0] = np.linspace(0, 255, 450).astype(np.uint8)[None, :]
   image[:, :, 1] = 128
   Image.fromarray(image).save(tmp_path / 'wide.png')
   Image.fromarray(image[:, :, 1]).convert('L').save(tmp_path / 'grey.png')
-  crop = predict.load_image(tmp_path / 'wide.png', 224)
-  assert crop.shape == (224, 224, 3) and crop.dtype == np.float32
-  # Resized to 256 x 384, the central 224 columns are 80..303 of 384: red 53..201.
-  assert abs(crop[:, 0, 0].mean() - 255 * 80 / 383) < 3
-  assert abs(crop[:, -1, 0].mean() - 255 * 303 / 383) < 3
+  b3 = architectures.get_spec('b3')
+  prep = eval_presets.eval_preprocessing(b3, 'tf')  # 300 px: crop 300/332, TF1 bicubic
+  assert (prep.image_size, prep.crop, prep.crop_padding, prep.resize) == (
+      300, 'v1', 32, 'bicubic_tf1')
+  crop = predict.load_image(tmp_path / 'wide.png', prep)
+  assert crop.shape == (300, 300, 3) and crop.dtype == np.float32
+  # One definition with training's eval (data/preprocessing.py eval_image): the
+  # side is int(300 / 332 * 300) = 271 columns from (450 - 271 + 1) // 2 = 90.
+  expected = preprocessing.eval_image(image, 300, crop='v1', crop_padding=32,
+                                      resize='bicubic_tf1').numpy()
+  np.testing.assert_array_equal(crop, expected)
+  assert abs(crop[:, 0, 0].mean() - 255 * 90 / 449) < 3
   np.testing.assert_allclose(crop[..., 1], 128, atol=1)
-  assert predict.load_image(tmp_path / 'grey.png', 64).shape == (64, 64, 3)
+  small = dataclasses.replace(prep, image_size=64)
+  assert predict.load_image(tmp_path / 'grey.png', small).shape == (64, 64, 3)
   np.testing.assert_allclose(predict.normalize(np.full((1, 3), 255.0), 'lite'), 1.0)
 
 
@@ -91,7 +106,7 @@ def test_corrupt_image_is_named_and_others_still_reported(photos, capsys):
 
 def test_weights_file_needs_model_and_matches_builtin(photos, tmp_path, capsys):
   state = pytorch.load_state_dict(
-      predict._builtin_lite0())  # pylint: disable=protected-access
+      weights_load.builtin_weights_path('lite0'))  # pylint: disable=protected-access
   path = str(tmp_path / 'lite0.safetensors')
   save_safetensors(path, state)
   assert predict.main([f'--weights={path}', photos['coffee']]) == 2
@@ -124,11 +139,11 @@ def get_config(arg=None):
 
 def test_weights_from_a_training_workdir(tmp_path, capsys):
   from efficientnet_jax import train  # pylint: disable=g-import-not-at-top
-  from tests.test_data_fashion_mnist import write_fake_fashion_mnist  # pylint: disable=g-import-not-at-top
+  from tests.smoke_run import write_fake_fashion_mnist  # pylint: disable=g-import-not-at-top
   source = write_fake_fashion_mnist(tmp_path / 'idx')
   config_file = tmp_path / 'smoke_config.py'
   config_file.write_text(_WORKDIR_CONFIG.format(source=source, data_dir=str(tmp_path / 'tfds')))
-  config = predict.load_config(str(config_file))
+  config = config_lib.load(str(config_file))
   workdir = str(tmp_path / 'run')
   train.run(config, workdir)
   image = str(tmp_path / 'garment.png')
@@ -143,11 +158,11 @@ def test_weights_from_a_training_workdir(tmp_path, capsys):
   top = json.loads(captured.out)[0]['top5']
   assert len(top) == 5 and top[0]['label'] == f'class {top[0]["index"]}'
   # The same numbers as applying the checkpoint's EMA variables directly.
-  _, state, step = train.load_checkpoint(config, workdir)
-  module, variables, _ = predict.load_weights(workdir, config=str(config_file))
+  _, state, step = state_lib.load_checkpoint(config, workdir)
+  module, variables, _ = weights_load.load_weights(workdir, config=str(config_file))
   assert step == 2 and module.num_classes == 10
-  x = predict.normalize(predict.load_image(image, module.spec.eval_resolution)[None],
-                        module.spec.normalization)
+  prep = eval_presets.from_config(config, module.spec)
+  x = predict.normalize(predict.load_image(image, prep)[None], module.spec.normalization)
   expected = np.asarray(jax.nn.softmax(module.apply(state_layout.ema_variables(state), x,
                                                     train=False)))[0]
   np.testing.assert_allclose([i['prob'] for i in top],

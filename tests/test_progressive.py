@@ -13,12 +13,14 @@ import numpy as np
 import pytest
 
 from configs import base
+from efficientnet_jax import runtime
+from efficientnet_jax import state as state_lib
+from efficientnet_jax import steps
 from efficientnet_jax.model import architectures
 from efficientnet_jax import checkpointing
-from efficientnet_jax import config_checks
+from efficientnet_jax import config_lib
 from efficientnet_jax import progressive
 from efficientnet_jax import train
-from efficientnet_jax import train_loop
 from tests import smoke_run
 
 IMAGENET_TRAIN = 1_281_167
@@ -40,7 +42,7 @@ def _values(plan):
   return {f: [getattr(s, f) for s in plan.stages] for f in progressive.FIELDS}
 
 
-# recipe.md §4: what google/automl's stage loop runs (stages=4, ibase=128).
+# What google/automl efficientnetv2 main.py's stage loop runs (stages=4, ibase=128).
 OFFICIAL = {
     'v2_s': dict(image_size=[171, 214, 257, 300], randaug_magnitude=[5, 20 / 3, 25 / 3, 10],
                  mixup_alpha=[0, 0, 0, 0], dropout=[0.2] * 4),
@@ -93,10 +95,29 @@ def test_v2_configs_follow_the_official_recipe():
     config = importlib.import_module(f'configs.v2_b{b}').get_config()
     spec = architectures.spec_from_config(config.model)
     evals[b] = spec.eval_resolution
-    assert (config.data.augment, config.progressive.preset) == ('autoaugment', '')
+    assert (config.data.augment, config.progressive.preset) == ('autoaugment', 'official')
     assert spec.normalization == 'v1' and config.data.crop_padding == 32
-    assert len(_plan(f'v2_b{b}', None).stages) == 1
   assert evals == {0: 224, 1: 240, 2: 260, 3: 300}
+
+
+# google/automl efficientnetv2 (6a54c87): effnetv2_configs.py lines 203-210 (train
+# sizes 192, 192, 208, 240) and 227 (stages=4, sched=True for every efficientnetv2-*),
+# main.py line 474: int(ibase + (train - ibase)·(s+1)/4) with hparams.py ibase=128.
+V2_B_SIZES = {'v2_b0': [144, 160, 176, 192], 'v2_b1': [144, 160, 176, 192],
+              'v2_b2': [148, 168, 188, 208], 'v2_b3': [156, 184, 212, 240]}
+
+
+@pytest.mark.parametrize('name', sorted(V2_B_SIZES))
+def test_v2_b_configs_train_at_the_official_progressive_sizes(name):
+  plan = _plan(name, None)
+  got = _values(plan)
+  assert got['image_size'] == V2_B_SIZES[name]
+  # AutoAugment: no RandAugment magnitude to grow; mixup = cutmix 0; dropout held.
+  spec = architectures.get_spec(name)
+  assert got['randaug_magnitude'] == got['mixup_alpha'] == got['cutmix_alpha'] == [0.0] * 4
+  assert got['dropout'] == [spec.dropout] * 4
+  total = plan.total_steps
+  assert [s.end_step for s in plan.stages] == [total * (k + 1) // 4 for k in range(4)]
 
 
 @pytest.mark.parametrize('device_count', [1, 8, 32, 256])
@@ -127,11 +148,6 @@ def test_adapted_learning_rate_follows_the_stage_batch():
 # Runs on a fake Fashion-MNIST (40 train / 13 test images, 5 steps per epoch).
 
 
-@pytest.fixture(scope='module')
-def data_root(tmp_path_factory):
-  return smoke_run.write_fake_data(tmp_path_factory.mktemp('fashion'))
-
-
 def _config(data_root, **overrides):
   """A smoke run in 4 paper-rule stages at 31, 31, 32, 32 px (two train programs).
 
@@ -150,7 +166,7 @@ def _config(data_root, **overrides):
   p.mixup_alpha_min, p.mixup_alpha_max = 0.0, 0.3
   p.cutmix_alpha_min, p.cutmix_alpha_max = 0.0, 0.0
   p.dropout_min, p.dropout_max = 0.2, 0.2
-  return config_checks.set_fields(config, overrides)
+  return config_lib.set_fields(config, overrides)
 
 
 # Where augmentation is not under test: cheaper pipelines to build.
@@ -164,14 +180,14 @@ def _records(workdir, event='stage_start'):
 
 
 def _params(config, workdir):
-  _, state, step = train.load_checkpoint(config, str(workdir))
+  _, state, step = state_lib.load_checkpoint(config, str(workdir))
   return step, jax.device_get(state)
 
 
 def _count_traces(monkeypatch):
   """Counts how often the train and eval steps are traced (= compiled)."""
   traces = collections.Counter()
-  real_train, real_eval = train.train_step, train.eval_step
+  real_train, real_eval = steps.train_step, steps.eval_step
 
   def counted_train(state, batch, key, **kwargs):
     traces['train', batch['image'].shape[:3], kwargs['model'].dropout] += 1
@@ -181,8 +197,8 @@ def _count_traces(monkeypatch):
     traces['eval', batch['image'].shape[:3]] += 1
     return real_eval(variables, batch, **kwargs)
 
-  monkeypatch.setattr(train, 'train_step', counted_train)
-  monkeypatch.setattr(train, 'eval_step', counted_eval)
+  monkeypatch.setattr(steps, 'train_step', counted_train)
+  monkeypatch.setattr(steps, 'eval_step', counted_eval)
   return traces
 
 
@@ -192,7 +208,7 @@ def test_one_compile_per_distinct_stage_shape_plus_eval(data_root, tmp_path, mon
   # Sizes 31, 31.33, 31.67, 32 round to 31, 31, 32, 32: two shapes for four stages.
   config = _config(data_root, **_NO_AUGMENT, train_steps=4,
                    **{'progressive.aot_compile': aot})
-  result = train.run(config, str(tmp_path))
+  result = train.run(config, str(tmp_path)).eval
   assert result['count'] == 13
   starts = _records(tmp_path)
   assert [(r['stage'], r['image_size'], r['step']) for r in starts] == [
@@ -318,15 +334,15 @@ def test_compilation_cache_defaults_to_the_workdir(tmp_path, monkeypatch):
   updates = []
   monkeypatch.setattr(jax.config, 'update', lambda *args: updates.append(args))
   # The tests' cache directory (conftest.py) is kept.
-  assert train_loop.enable_compilation_cache(config, str(tmp_path)) == (
+  assert runtime.enable_compilation_cache(config, str(tmp_path)) == (
       jax.config.jax_compilation_cache_dir)
-  monkeypatch.setattr(train_loop, '_configured_cache_dir', lambda: None)
-  assert train_loop.enable_compilation_cache(config, str(tmp_path)) == str(
+  monkeypatch.setattr(runtime, '_configured_cache_dir', lambda: None)
+  assert runtime.enable_compilation_cache(config, str(tmp_path)) == str(
       tmp_path / 'compile_cache')
   config.compilation_cache_dir = str(tmp_path / 'shared')
-  assert train_loop.enable_compilation_cache(config, str(tmp_path)) == str(tmp_path / 'shared')
+  assert runtime.enable_compilation_cache(config, str(tmp_path)) == str(tmp_path / 'shared')
   config.compilation_cache_dir = 'none'
-  assert train_loop.enable_compilation_cache(config, str(tmp_path)) is None
+  assert runtime.enable_compilation_cache(config, str(tmp_path)) is None
   assert updates == [('jax_compilation_cache_dir', str(tmp_path / 'compile_cache')),
                      ('jax_compilation_cache_dir', str(tmp_path / 'shared')),
                      ('jax_enable_compilation_cache', False)]

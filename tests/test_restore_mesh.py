@@ -2,18 +2,18 @@
 
 import jax
 
+from efficientnet_jax import state as state_lib
 from efficientnet_jax import train
 from tests import state_compare
-from tests.test_bad_input import _config
-from tests.test_bad_input import data_root  # noqa: F401  (the fixture)
+from tests.smoke_run import smoke_config as _config
 
 
 def _state(config, workdir):
-  _, state, step = train.load_checkpoint(config, str(workdir))
+  _, state, step = state_lib.load_checkpoint(config, str(workdir))
   return step, jax.device_get(state)
 
 
-def test_restore_8_to_4_to_1_devices_continues_the_same_run(data_root, tmp_path):  # noqa: F811
+def test_restore_8_to_4_to_1_devices_continues_the_same_run(data_root, tmp_path):
   assert jax.device_count() == 8
   devices = jax.devices()
   straight, moved = tmp_path / 'straight', tmp_path / 'moved'
@@ -22,7 +22,7 @@ def test_restore_8_to_4_to_1_devices_continues_the_same_run(data_root, tmp_path)
   train.run(_config(data_root, train_steps=2, sharding='fsdp'), str(moved))
   train.run(_config(data_root, train_steps=3), str(moved), devices=devices[:4])
   result = train.run(_config(data_root, train_steps=4, sharding='fsdp'), str(moved),
-                     devices=devices[:1])
+                     devices=devices[:1]).eval
   assert result['count'] == 13
   step_a, a = _state(_config(data_root), straight)
   step_b, b = _state(_config(data_root), moved)

@@ -9,11 +9,13 @@ import numpy as np
 import optax
 import pytest
 
+from efficientnet_jax import experiment
+from efficientnet_jax import state as state_lib
+from efficientnet_jax import steps
 from efficientnet_jax.model import architectures
 from efficientnet_jax import checkpointing
 from efficientnet_jax import optim
 from efficientnet_jax import state_layout
-from efficientnet_jax import train
 from efficientnet_jax.model import create_model
 from tests import smoke_run
 from tests import state_compare
@@ -93,14 +95,14 @@ def _tiny_model():
   return create_model(dataclasses.replace(spec, stages=spec.stages[:3]), num_classes=10)
 
 
-def _train(model, layout, steps=3):
+def _train(model, layout, num_steps=3):
   tx = optim.make_optimizer(name='rmsprop', learning_rate=0.05, weight_decay=1e-3,
                             weight_decay_mask=optim.weight_decay_mask, flat=layout == 'flat')
-  state = jax.jit(functools.partial(train.create_train_state, model=model, tx=tx,
+  state = jax.jit(functools.partial(state_lib.create_train_state, model=model, tx=tx,
                                     image_size=32, layout=layout))(jax.random.key(0))
-  step = jax.jit(functools.partial(train.train_step, model=model, tx=tx, ema_decay=0.9,
+  step = jax.jit(functools.partial(steps.train_step, model=model, tx=tx, ema_decay=0.9,
                                    label_smoothing=0.1))
-  for i in range(steps):
+  for i in range(num_steps):
     batch = {'image': jax.random.normal(jax.random.key(10 + i), (8, 32, 32, 3)),
              'label': jax.nn.one_hot(jnp.arange(8) % 10, 10)}
     state, _ = step(state, batch, jax.random.key(i))
@@ -128,7 +130,7 @@ def test_flat_train_state_trains_like_per_leaf_and_converts_both_ways():
 
 def test_relayout_refuses_another_models_state():
   model = _tiny_model()
-  state = _train(model, 'per_leaf', steps=0)
+  state = _train(model, 'per_leaf', num_steps=0)
   other = jax.eval_shape(lambda: {**state, 'ema': state_layout.ravel(
       {'params': {'x': jnp.zeros(7)}, 'batch_stats': {}})})
   with pytest.raises(ValueError, match='cannot convert the state between layouts'):
@@ -140,15 +142,15 @@ def test_a_checkpoint_without_a_layout_restores_as_per_leaf(tmp_path):
   # `state_layout` in their meta; the default (flat) config loads them.
   data_root = smoke_run.write_fake_data(tmp_path / 'data')
   config = smoke_run.smoke_config(data_root)
-  exp = train.build_experiment(config)
+  exp = experiment.build_experiment(config)
   assert exp.layout == 'flat'
-  init = functools.partial(train.create_train_state, model=exp.model, tx=exp.make_tx(False),
+  init = functools.partial(state_lib.create_train_state, model=exp.model, tx=exp.make_tx(False),
                            image_size=exp.image_size, layout='per_leaf')
   state = jax.jit(init)(jax.random.key(0))
   manager = checkpointing.make_checkpoint_manager(str(tmp_path / 'run'), async_save=False)
-  checkpointing.save(manager, 5, state, meta=train._architecture_meta(exp), force=True)
+  checkpointing.save(manager, 5, state, meta=state_lib.architecture_meta(exp), force=True)
   checkpointing.close(manager)
-  _, restored, step = train.load_checkpoint(config, str(tmp_path / 'run'))
+  _, restored, step = state_lib.load_checkpoint(config, str(tmp_path / 'run'))
   assert step == 5 and restored['ema'].ndim == 1
   ema = state_layout.ema_variables(restored)
   for a, b in zip(jax.tree.leaves(ema), jax.tree.leaves(state['ema'])):

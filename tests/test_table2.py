@@ -1,4 +1,4 @@
-"""experiments/table2: our params / multiply-adds beside paper Table 2, and accuracies from workdirs."""
+"""experiments/table2: params / multiply-adds beside paper Table 2, and workdirs' accuracies."""
 
 import json
 

@@ -12,6 +12,8 @@ import numpy as np
 import optax
 import pytest
 
+from efficientnet_jax import state as state_lib
+from efficientnet_jax import steps
 from efficientnet_jax.model import architectures
 from efficientnet_jax import optim
 from efficientnet_jax import sharding
@@ -30,7 +32,7 @@ def _tiny_model():
 def _one_step(mesh, state, batch, model, tx):
   replicated, batch_sharding = sharding.replicated(mesh), sharding.batch_sharding(mesh)
   step_fn = jax.jit(
-      functools.partial(train.train_step, model=model, tx=tx, ema_decay=0.99,
+      functools.partial(steps.train_step, model=model, tx=tx, ema_decay=0.99,
                         label_smoothing=0.1),
       in_shardings=(replicated, batch_sharding, replicated),
       out_shardings=(replicated, replicated))
@@ -44,7 +46,7 @@ def test_sharded_step_equals_single_device_step():
   model = _tiny_model()
   tx = optim.make_optimizer(name='rmsprop', learning_rate=optax.constant_schedule(0.05),
                             weight_decay=1e-5, weight_decay_mask=optim.weight_decay_mask)
-  state = jax.jit(functools.partial(train.create_train_state, model=model, tx=tx,
+  state = jax.jit(functools.partial(state_lib.create_train_state, model=model, tx=tx,
                                     image_size=32))(jax.random.key(0))
   rng = np.random.default_rng(0)
   batch = {'image': rng.normal(size=(16, 32, 32, 3)).astype(np.float32),
@@ -95,12 +97,12 @@ def _smoke_config(**overrides):
 
 
 def _params(config, workdir):
-  _, state, step = train.load_checkpoint(config, workdir)
+  _, state, step = state_lib.load_checkpoint(config, workdir)
   return step, jax.device_get(state)
 
 
 def test_two_step_run_checkpoints_and_resumes(tmp_path):
-  result = train.run(_smoke_config(), str(tmp_path))
+  result = train.run(_smoke_config(), str(tmp_path)).eval
   assert result['count'] == 13
   assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['1', '2']
   records = [l for l in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
@@ -127,13 +129,13 @@ def test_interrupted_run_ends_with_the_same_params(tmp_path):
 def test_diverged_state_is_never_checkpointed(tmp_path, monkeypatch):
   # The loss is only looked at on log steps; a save between two of them must
   # still refuse a NaN state and keep the last good checkpoint.
-  real_step = train.train_step
+  real_step = steps.train_step
 
   def nan_from_step_2(state, batch, key, **kwargs):
     scale = jnp.where(state['step'] >= 2, jnp.nan, 1.0)
     return real_step(state, {**batch, 'image': batch['image'] * scale}, key, **kwargs)
 
-  monkeypatch.setattr(train, 'train_step', nan_from_step_2)
+  monkeypatch.setattr(steps, 'train_step', nan_from_step_2)
   config = _smoke_config(train_steps=5, log_every_steps=100, checkpoint_every_steps=1,
                          eval_every_steps=100)
   with pytest.raises(FloatingPointError,
@@ -148,7 +150,7 @@ def test_diverged_state_is_never_checkpointed(tmp_path, monkeypatch):
 
 def test_eval_counts_every_example_once(tmp_path):
   # 13 test examples, eval batch 8 over 8 devices: one full and one padded batch.
-  result = train.run(_smoke_config(train_steps=1), str(tmp_path))
+  result = train.run(_smoke_config(train_steps=1), str(tmp_path)).eval
   assert result['count'] == 13
   assert 0.0 <= result['top1'] <= 1.0
 
@@ -194,13 +196,18 @@ def _train_cli(*args):
 
 
 @pytest.mark.parametrize('flag,message', [
-    ('--config.modle.name=b0', 'modle'),
-    ('--config.batch_size=abc', 'batch_size'),
+    ('--config.batch_sise=3',
+     "error: unknown config field 'batch_sise'; did you mean 'batch_size'?"),
+    ('--config.modle.name=b0',
+     "error: unknown config field 'modle.name'; did you mean 'model.name'?"),
+    ('--config.model.ph=3', "error: unknown config field 'model.ph'; did you mean 'model.phi'?"),
+    ('--config.batch_size=abc',
+     "error: flag --config.batch_size=abc: invalid literal for int() with base 10: 'abc'"),
 ])
-def test_cli_rejects_unknown_keys_and_wrong_types(tmp_path, flag, message):
+def test_cli_flag_errors_are_one_line_and_exit_2(tmp_path, flag, message):
   result = _train_cli('--config=configs/demo.py', f'--workdir={tmp_path / "w"}', flag)
-  assert result.returncode != 0
-  assert message in result.stderr
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines() == [message]
   assert _untouched(tmp_path / 'w')
 
 
@@ -224,7 +231,6 @@ def test_evaluate_cli_reads_the_checkpoint_at_another_resolution(tmp_path):
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
   import signal  # pylint: disable=g-import-not-at-top
-  import time  # pylint: disable=g-import-not-at-top
   workdir = tmp_path / 'w'
   args = [sys.executable, 'train.py', '--config=configs/base.py:smoke', f'--workdir={workdir}',
           '--config.data.name=fashion_mnist', '--config.data.eval_split=test',
@@ -260,7 +266,7 @@ def test_two_step_run_under_tfds_mock_data_checkpoints_and_resumes(tmp_path, mon
       checkpointing.make_checkpoint_manager, async_save=False))
   overrides = {'data.name': 'mnist', 'data.eval_split': 'test'}
   with tfds.testing.mock_data(num_examples=24, policy=tfds.testing.MockPolicy.USE_CODE):
-    result = train.run(_smoke_config(**overrides), str(tmp_path))
+    result = train.run(_smoke_config(**overrides), str(tmp_path)).eval
     assert result['count'] == 24
     assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['1', '2']
     train.run(_smoke_config(train_steps=3, **overrides), str(tmp_path))

@@ -69,7 +69,7 @@ def to_lukemelas(variables, spec):
 
 
 def to_timm(variables, spec):
-  """timm EfficientNet: conv_stem/bn1, blocks.<stage>.<repeat> (DS/IR/ER/ConvBnAct), conv_head/bn2."""
+  """timm EfficientNet: conv_stem/bn1, blocks.<stage>.<repeat> (DS/IR/ER/ConvBnAct), conv_head."""
   p, s, out = variables['params'], variables['batch_stats'], collections.OrderedDict()
   _conv(out, 'conv_stem', p['stem_conv']['kernel'])
   _bn(out, 'bn1', p['stem_bn'], s['stem_bn'])
@@ -330,5 +330,5 @@ def test_real_lite0_imports_completely(lite0_path):
   assert len(report.ignored) == 49  # one num_batches_tracked per BN
   assert report.model_kwargs == {'num_classes': 1000, 'padding': 'same'}
   params = sum(np.size(v) for v in jax.tree_util.tree_leaves(variables['params']))
-  assert params == 4_652_008  # architecture.md §9
+  assert params == 4_652_008  # the official Lite0 count (tensorflow/tpu lite README)
 

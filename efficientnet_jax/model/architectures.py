@@ -309,17 +309,16 @@ def spec_from_config(cfg) -> ModelSpec:
                          gamma=cfg.gamma, base_resolution=cfg.base_resolution)
   changes = {}
   for field in ('width', 'depth'):
-    value = cfg.get(field, -1.0)
-    if value > 0:
-      changes[field] = float(value)
-  if cfg.get('resolution', -1) > 0:
+    if cfg[field] > 0:
+      changes[field] = float(cfg[field])
+  if cfg.resolution > 0:
     changes['resolution'] = changes['eval_resolution'] = int(cfg.resolution)
-  if cfg.get('dropout', -1.0) >= 0:
+  if cfg.dropout >= 0:
     changes['dropout'] = float(cfg.dropout)
-  if cfg.get('drop_connect', -1.0) >= 0:
+  if cfg.drop_connect >= 0:
     changes['drop_connect'] = float(cfg.drop_connect)
   for field in ('bn_momentum', 'bn_epsilon'):
-    if cfg.get(field, -1.0) > 0:
+    if cfg[field] > 0:
       changes[field] = float(cfg[field])
   changes = {k: v for k, v in changes.items() if getattr(spec, k) != v}
   if changes:

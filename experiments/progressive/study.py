@@ -55,9 +55,9 @@ def make_study(preset: str) -> harness.Study:
   stages = 2 if preset == 'smoke' else 4
 
   def base():
-    from efficientnet_jax import config_checks  # pylint: disable=g-import-not-at-top  (TensorFlow)
+    from efficientnet_jax import config_lib  # pylint: disable=g-import-not-at-top  (TensorFlow)
     config = p.config_fn()
-    config_checks.set_fields(config, p.base.overrides())
+    config_lib.set_fields(config, p.base.overrides())
     config.model.dropout = 0.1  # the fixed runs' rate; progressive_size holds it
     config.data.mixup_alpha = 0.0
     if epochs is not None:
