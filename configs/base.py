@@ -42,6 +42,18 @@ def get_config(arg=None):
       mixup_alpha=0.0, cutmix_alpha=0.0,
       crop_padding=32,  # eval centre crop = size / (size + 32)
       inception_crop=True, shuffle_buffer=16_384,
+      # Input ops, official by default (efficientnet_jax/data/preprocessing.py, augment.py).
+      # Crop recipe: 'v1' tensorflow/tpu efficientnet preprocessing.py; 'v2' google/automl
+      # efficientnetv2/preprocessing.py (V2-S..XL: area 0.05-1 train crop, no eval crop >= 320 px).
+      crop='v1',
+      # 'bicubic_tf1' TF1 resize_bicubic (tensorflow/tpu efficientnet `_resize_image`);
+      # 'bilinear_tf1' its BILINEAR (tensorflow/tpu main.py, Lite); 'bilinear'
+      # tf.image.resize (google/automl efficientnetv2); 'bicubic' TF2 half-pixel.
+      resize='bicubic_tf1',
+      aug_pixel_constants='fixed',  # tensorflow/tpu autoaugment.py pixels; 'scaled' < 224 px
+      posterize_quirk=True,  # tensorflow/tpu autoaugment.py `posterize`: 0 bits keeps the top bit
+      contrast_quirk=True,  # tensorflow/tpu autoaugment.py `contrast`: pixel_count/256, not mean
+      solarize_quirk=True,  # tensorflow/tpu autoaugment.py `solarize`: threshold mod 256 (uint8)
       # Multi-process: 'files' = each process reads its own slice (scalable);
       # 'batch' = all walk one global order and keep their rows of each batch
       # (the same global batches whatever the process count; reads everything).
@@ -66,7 +78,8 @@ def get_config(arg=None):
   # Batch-norm statistics groups: data-parallel replicas whose batches share one
   # mean/variance (tensorflow/tpu efficientnet `utils.TpuBatchNormalization`,
   # google/automl efficientnetv2 `utils.py`). 0 = the global batch; -1 = the
-  # official rule for the family when the replica count exceeds 8 (global below).
+  # official rule for the family above 8 replicas, the global batch up to 8
+  # (efficientnet_jax/bn_groups.py); 1 = each replica's own batch.
   config.bn_group_size = -1
 
   # EfficientNetV2 progressive learning (efficientnet_jax/progressive.py): image

@@ -32,6 +32,13 @@ def get_config(arg=None):
   config.data.inception_crop = False  # 28 px garments fill the frame; just resize + flip
   config.data.crop_padding = 0
   config.data.shuffle_buffer = 20_000
+  # Small garments, not ImageNet: TF2 bicubic, pixel constants scaled below 224 px
+  # and none of the official augmentation quirks (the demo's results use these).
+  config.data.resize = 'bicubic'
+  config.data.aug_pixel_constants = 'scaled'
+  config.data.posterize_quirk = False
+  config.data.contrast_quirk = False
+  config.data.solarize_quirk = False
   config.model.dropout = 0.1
   config.model.drop_connect = 0.0
   config.batch_size = 256

@@ -25,6 +25,10 @@ from configs import demo
 
 def get_config(arg=None):
   config = demo.get_config()
+  # configs/demo.py's input ops (TF2 bicubic, scaled pixel constants, no quirks).
+  config.data.resize, config.data.aug_pixel_constants = 'bicubic', 'scaled'
+  config.data.posterize_quirk = config.data.contrast_quirk = False
+  config.data.solarize_quirk = False
   p = config.progressive
   p.preset = 'paper'
   p.num_stages = 4

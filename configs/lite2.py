@@ -3,7 +3,8 @@
     python train.py --config=configs/lite2.py --workdir=runs/lite2
 
 Hardware: a TPU pod slice or GPU cluster (global batch 4096; bf16).
-Expected: 77.6 % top-1 (FP32, tensorflow/tpu lite README) at 260 px; inputs normalised as (x - 127) / 128.
+Expected: 77.6 % top-1 (FP32, tensorflow/tpu lite README) at 260 px;
+inputs normalised as (x - 127) / 128.
 """
 
 from configs import base
@@ -13,4 +14,6 @@ def get_config(arg=None):
   config = base.get_config(arg)
   if arg != 'smoke':
     config.model.name = 'lite2'
+  # tensorflow/tpu efficientnet main.py: Lite resizes with TF1 BILINEAR.
+  config.data.resize = 'bilinear_tf1'
   return config

@@ -3,7 +3,8 @@
     python train.py --config=configs/lite4.py --workdir=runs/lite4
 
 Hardware: a TPU pod slice or GPU cluster (global batch 4096; bf16).
-Expected: 81.5 % top-1 (FP32, tensorflow/tpu lite README) at 300 px; inputs normalised as (x - 127) / 128.
+Expected: 81.5 % top-1 (FP32, tensorflow/tpu lite README) at 300 px;
+inputs normalised as (x - 127) / 128.
 """
 
 from configs import base
@@ -13,4 +14,6 @@ def get_config(arg=None):
   config = base.get_config(arg)
   if arg != 'smoke':
     config.model.name = 'lite4'
+  # tensorflow/tpu efficientnet main.py: Lite resizes with TF1 BILINEAR.
+  config.data.resize = 'bilinear_tf1'
   return config

@@ -8,7 +8,7 @@ multi-node GPU cluster; global batch 4096, bf16. Walltime not measured here.
 Expected: 85.7 % top-1 (google/automl README, ImageNet-1k, 350 epochs, eval at 480 px,
 EMA; timm measures the released weights at 85.66).
 
-The recipe of configs/v2_s.py (google/automl hparams, recipe.md §4). Progressive
+The recipe of configs/v2_s.py (google/automl efficientnetv2 hparams.py). Progressive
 learning, 4 stages: 'official' preset (192, 256, 320, 384 px, RandAugment 5 -> 20, mixup =
 cutmix 0 -> 0.5, dropout 0.4 held) by default; `:paper` for the paper's Table 6 (128 ->
 380 px, RA 5 -> 25, mixup 0 -> 0.4, dropout 0.1 -> 0.5).

@@ -9,7 +9,7 @@ Expected: 85.2 % top-1 (google/automl README, ImageNet-1k, 350 epochs, eval at 4
 EMA; timm measures the released weights at 85.21). A rerun of the official code on TPU
 reached 84.46 (google/automl#1024).
 
-The recipe of configs/v2_s.py (google/automl hparams, recipe.md §4). Progressive
+The recipe of configs/v2_s.py (google/automl efficientnetv2 hparams.py). Progressive
 learning, 4 stages: 'official' preset (192, 256, 320, 384 px, RandAugment 5 -> 15, mixup =
 cutmix 0 -> 0.2, dropout 0.3 held) by default; `:paper` for the paper's Table 6 (128 ->
 380 px, RA 5 -> 20, mixup 0 -> 0.2, dropout 0.1 -> 0.4).

@@ -7,7 +7,8 @@ with its step range, image size, batch size and augmentation strength. The
 train loop builds one input pipeline and one train step per stage
 (`train_loop.py`); a run without progressive learning is a one-stage plan.
 
-Two presets pick the interpolation rule and, for V2-S/M/L/XL, the numbers:
+Two presets pick the interpolation rule and the numbers (V2-S/M/L/XL; the
+'official' preset also V2-B0..B3):
 
 * 'paper' (arXiv:2104.00298, Table 6): every value linear from its min in
   the first stage to its max in the last, e.g. V2-S sizes 128, 185, 243, 300.
@@ -15,7 +16,10 @@ Two presets pick the interpolation rule and, for V2-S/M/L/XL, the numbers:
   int(base + (train - base)·(s+1)/N), so the first stage is *not* the base
   (V2-S: 171, 214, 257, 300); RandAugment and mixup = cutmix by linspace;
   dropout is not scheduled (the code deletes its dropout list) and stays the
-  model's.
+  model's. The code applies this to every `efficientnetv2-*` config, B0-B3
+  included (`effnetv2_configs.py` `train=dict(isize=..., stages=4,
+  sched=True)`): V2-B0 trains at 144, 160, 176, 192. B0-B3 augment with
+  AutoAugment, which ignores the RandAugment magnitudes, and have mixup 0.
 
 Any field set in the config (>= 0, sizes > 0) overrides the preset's number;
 models without preset numbers (the Fashion-MNIST demo) set them all.
@@ -32,9 +36,10 @@ FIELDS = ('image_size', 'randaug_magnitude', 'mixup_alpha', 'cutmix_alpha', 'dro
 
 _MODEL = None  # preset dropout entry meaning "the model's own rate, held fixed"
 
-# (min, max) per field. recipe.md §4: paper Table 6 (no cutmix in the paper;
-# XL is not in the table and reuses L) and the official code's
-# efficientnetv2_params with ibase=128 (mixup = cutmix alpha).
+# (min, max) per field: paper Table 6 (arXiv:2104.00298; no cutmix in the paper;
+# XL is not in the table and reuses L) and google/automl
+# efficientnetv2/effnetv2_configs.py efficientnetv2_params (6a54c87) with
+# hparams.py's ibase=128 (mixup = cutmix alpha).
 PRESET_VALUES = {
     'paper': {
         'v2_s': dict(image_size=(128, 300), randaug_magnitude=(5, 15),
@@ -55,6 +60,14 @@ PRESET_VALUES = {
                      mixup_alpha=(0, 0.5), cutmix_alpha=(0, 0.5), dropout=(_MODEL, _MODEL)),
         'v2_xl': dict(image_size=(128, 384), randaug_magnitude=(5, 20),
                       mixup_alpha=(0, 0.5), cutmix_alpha=(0, 0.5), dropout=(_MODEL, _MODEL)),
+        # google/automl efficientnetv2/effnetv2_configs.py lines 203-210 and 227
+        # (6a54c87): train sizes 192/192/208/240 from ibase 128, augmentation
+        # 'effnetv1_autoaug' (its RandAugment list linspace(5, 0) is unused: 0 here)
+        # and mixup = cutmix 0.
+        **{name: dict(image_size=(128, size), randaug_magnitude=(0, 0), mixup_alpha=(0, 0),
+                      cutmix_alpha=(0, 0), dropout=(_MODEL, _MODEL))
+           for name, size in (('v2_b0', 192), ('v2_b1', 192), ('v2_b2', 208),
+                              ('v2_b3', 240))},
     },
 }
 
@@ -267,8 +280,8 @@ def build_plan(config, *, model_name: str, model_dropout: float, image_size: int
     ValueError: an invalid `progressive` field (one line naming it).
   """
   data = config.data
-  cfg = config.get('progressive')
-  if cfg is None or not cfg.preset:
+  cfg = config.progressive
+  if not cfg.preset:
     return StagePlan((Stage(
         0, 0, total_steps, 0.0, steps_per_epoch, image_size, config.batch_size,
         float(data.randaug_magnitude), float(data.mixup_alpha), float(data.cutmix_alpha),

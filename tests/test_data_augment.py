@@ -1,10 +1,13 @@
 """AutoAugment/RandAugment ops at M=0 and max (pitfall P5)."""
+import functools
+
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 import pytest
 import tensorflow as tf
 
 from efficientnet_jax.data import augment
+from efficientnet_jax.data import options
 
 SEED = tf.constant([11, 12], tf.int64)
 
@@ -39,17 +42,25 @@ def test_enhance_ops_are_identity_at_factor_one(op):
 
 
 def test_official_quirks_at_zero_magnitude():
-  # As the official code: posterize keeps int(4·0/10) = 0 bits (black) and
-  # solarize's threshold int(256·0/10) = 0 inverts every pixel.
+  # Solarize's threshold int(256·0/10) = 0 inverts every pixel. Posterize at
+  # 0 bits: the official uint8 shift by 8 is clamped to 7 and keeps the top
+  # bit (this test asserted black before posterize_quirk existed); black
+  # with the quirk off. tests/test_data_official_ops.py pins both against TF.
   image = image32()
-  np.testing.assert_array_equal(run(augment.posterize, image, 0.0), 0)
+  np.testing.assert_array_equal(run(augment.posterize, image, 0.0),
+                                image & 128)
+  np.testing.assert_array_equal(run(augment.posterize, image, 0.0, quirk=False),
+                                0)
   np.testing.assert_array_equal(run(augment.solarize, image, 0.0), 255 - image)
 
 
 def test_ops_at_max_magnitude():
   image = image32()
   assert np.all(run(augment.posterize, image, 10.0) % 16 == 0)  # 4 bits kept
-  np.testing.assert_array_equal(run(augment.solarize, image, 10.0), image)
+  # Threshold 256: official (uint8, mod 256 = 0) inverts all; off, none.
+  np.testing.assert_array_equal(run(augment.solarize, image, 10.0), 255 - image)
+  np.testing.assert_array_equal(run(augment.solarize, image, 10.0, quirk=False),
+                                image)
   added = run(augment.solarize_add, image, 10.0)
   low = image < 128
   np.testing.assert_array_equal(added[low],
@@ -84,7 +95,9 @@ def test_histogram_ops_match_pil(op, pil_fn):
 
 @pytest.mark.parametrize('op,enhancer', [
     (augment.color, ImageEnhance.Color),
-    (augment.contrast, ImageEnhance.Contrast),
+    # PIL's Contrast uses the mean grey, i.e. the op without the official
+    # pixel_count/256 quirk (tests/test_data_official_ops.py pins the quirk).
+    (functools.partial(augment.contrast, quirk=False), ImageEnhance.Contrast),
     (augment.brightness, ImageEnhance.Brightness),
     (augment.sharpness, ImageEnhance.Sharpness),
 ])
@@ -114,13 +127,20 @@ def test_policies_are_deterministic_eagerly_and_in_map(policy):
 
 def test_unknown_augment_name():
   with pytest.raises(ValueError) as e:
-    augment.check_augment_name('randaug')
+    options.check_augment_name('randaug')
   for name in ("'randaug'", "'none'", "'autoaugment'", "'randaugment'"):
     assert name in str(e.value)
 
 
-def test_pixel_constants_are_official_at_imagenet_sizes():
-  assert augment.pixel_constants('randaugment', 224) == (100.0, 40.0)
-  assert augment.pixel_constants('randaugment', 600) == (100.0, 40.0)
-  assert augment.pixel_constants('autoaugment', 380) == (250.0, 100.0)
-  assert augment.pixel_constants('randaugment', 112) == (50.0, 20.0)
+def test_pixel_constants_fixed_by_default_scaled_on_request():
+  # 'fixed' (official, the default) at every size; 'scaled' (the demos, and
+  # what this test asserted before the default became official) below 224.
+  assert options.pixel_constants('randaugment', 224) == (100.0, 40.0)
+  assert options.pixel_constants('randaugment', 600) == (100.0, 40.0)
+  assert options.pixel_constants('autoaugment', 380) == (250.0, 100.0)
+  assert options.pixel_constants('randaugment', 112) == (100.0, 40.0)
+  assert options.pixel_constants('randaugment', 112, 'scaled') == (50.0, 20.0)
+  assert options.pixel_constants('autoaugment', 600, 'scaled') == (250.0, 100.0)
+  with pytest.raises(ValueError, match="data.aug_pixel_constants='x'; "
+                     'accepted: fixed, scaled'):
+    options.pixel_constants('randaugment', 224, 'x')

@@ -10,8 +10,8 @@ import tensorflow_datasets as tfds
 
 from efficientnet_jax import data
 from efficientnet_jax.data import preprocessing
-from tests.test_data_fashion_mnist import fake_image_value
-from tests.test_data_fashion_mnist import write_fake_fashion_mnist
+from tests.smoke_run import fake_image_value
+from tests.smoke_run import write_fake_fashion_mnist
 
 
 @pytest.fixture(scope='module')

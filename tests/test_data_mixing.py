@@ -31,17 +31,21 @@ def test_mixup_mixes_with_the_reversed_batch():
   np.testing.assert_allclose(soft.sum(-1), 1.0, rtol=1e-6)
 
 
-def test_cutmix_label_weight_is_the_clipped_box_area():
+def test_cutmix_label_weight_is_the_batch_mean_box_area():
+  # google/automl efficientnetv2/datasets.py `cutmix`: mix_area =
+  # reduce_sum(mask) / size(mask) over the batch, one weight for every label
+  # (this test asserted each example's own area before that was fixed).
   images, labels = batch_of_constants(8, size=10)
   mixed, soft = mixing.mix_batch(images, labels, mixup_alpha=0.0,
                                   cutmix_alpha=1.0,
                                   rng=np.random.default_rng(1))
+  pasted = [np.mean(mixed[i, ..., 0] == 7 - i) for i in range(8)]
+  assert len(set(pasted)) > 1  # the boxes differ, the weights do not
   for i in range(8):
     partner = 7 - i
-    pasted = np.mean(mixed[i, ..., 0] == partner)
     assert set(np.unique(mixed[i])) <= {i, partner}
-    np.testing.assert_allclose(soft[i, partner], pasted, rtol=1e-6)
-    np.testing.assert_allclose(soft[i, i], 1 - pasted, rtol=1e-6)
+    np.testing.assert_allclose(soft[i, partner], np.mean(pasted), rtol=1e-6)
+    np.testing.assert_allclose(soft[i, i], 1 - np.mean(pasted), rtol=1e-6)
 
 
 def test_mixup_and_cutmix_split_the_batch_in_halves():

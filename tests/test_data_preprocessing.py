@@ -1,4 +1,4 @@
-"""Preprocessing ops, each run eagerly and inside tf.data.map (pitfalls P1–P4)."""
+"""Preprocessing ops, each run eagerly and inside tf.data.map."""
 import io
 
 import numpy as np

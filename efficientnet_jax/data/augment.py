@@ -1,10 +1,15 @@
 """RandAugment and AutoAugment (policy v0) in TF ops, on uint8 images.
 
-Magnitude scale (the one of tensorflow/tpu `efficientnet/autoaugment.py`):
-every op takes a `level` on a 0–10 scale (`_MAX_LEVEL`); level/10 scales the
-op's maximum below. RandAugment applies one shared magnitude M to every op, so
-M=10 is each op's maximum and larger M (the README's M=17 for B5, M=28 for B7)
-extrapolates past it. AutoAugment v0 fixes a level per op in its policy table.
+Op for op the official `autoaugment.py` of tensorflow/tpu
+`models/official/efficientnet` (commit 7dc921f) and google/automl
+`efficientnetv2` (commit 6a54c87; the same ops, with tensorflow_addons in place
+of tf.contrib.image), official quirks included by default.
+
+Magnitude scale: every op takes a `level` on a 0–10 scale (`_MAX_LEVEL`);
+level/10 scales the op's maximum below, computed in float64 as the official
+Python arithmetic does. RandAugment applies one shared magnitude M to every op,
+so M=10 is each op's maximum and larger M (the README's M=17 for B5, M=28 for
+B7) extrapolates past it. AutoAugment v0 fixes a level per op in its policy.
 
 | op | argument at level L | L=10 |
 |---|---|---|
@@ -13,20 +18,29 @@ extrapolates past it. AutoAugment v0 fixes a level per op in its policy table.
 | TranslateX/Y | ±translate_const·L/10 **pixels** (RA 100, AA 250) | ±100 px |
 | Cutout | square of side 2·int(cutout_const·L/10) pixels (RA 40, AA 100) | 80 px |
 | Color, Contrast, Brightness, Sharpness | PIL enhance factor 0.1 + 1.8·L/10 (1 = identity) | 1.9 |
-| Posterize | keep int(4·L/10) bits (L=0 keeps none: black, as official) | 4 bits |
-| Solarize | invert pixels ≥ int(256·L/10) (L=0 inverts all, as official) | ≥256: none |
+| Posterize | keep int(4·L/10) bits (quirk below) | 4 bits |
+| Solarize | invert pixels ≥ int(256·L/10) (quirk below) | all (quirk) |
 | SolarizeAdd | add int(110·L/10) to pixels < 128 | +110 |
 | AutoContrast, Equalize, Invert | no argument | |
 
-Pixel constants are in pixels of the augmented (already resized) image, as in
-the official code, which tuned them at 224 px; the input pipeline shrinks them
-for images smaller than 224 (`pixel_constants`). Signed arguments are negated
-with probability 1/2. Empty pixels after a geometric op are filled with 128.
+Pixel constants are in pixels of the augmented (already resized) image and,
+as in the official code, the same at every image size (`pixel_constants`
+mode 'fixed'); mode 'scaled' shrinks them by size/224 below 224 px, for
+tiny-image demos. Signed arguments are negated with probability 1/2. Empty
+pixels after a geometric op are filled with 128.
 
-Two deliberate departures from the official code, both bugs there:
-`Contrast` blends towards the mean grey level as PIL does (the official code
-uses pixel_count/256, which is not an intensity), and posterize clamps its bit
-count to 0..8 so M>10 stays defined.
+Official quirks, each reproduced by default and switchable off:
+* posterize_quirk: the official `tf.bitwise` shift by the Python int
+  `8 - bits` on a uint8 image converts the shift to uint8 (mod 256), and TF's
+  shift kernel clamps it to 7 (tensorflow `core/kernels/cwise_ops.h`,
+  `right_shift_op`). So 0 bits (L < 2.5) and ≥ 9 bits (L ≥ 22.5) keep the top
+  bit (pixels in {0, 128}). Off: 0 bits is black, ≥ 8 bits the identity.
+* solarize_quirk: the threshold int(256·L/10) is compared with a uint8 image,
+  so it becomes uint8 too (mod 256): L=10 (threshold 256 → 0) inverts every
+  pixel, as L=0 does. Off: thresholds ≥ 256 invert nothing.
+* contrast_quirk: Contrast blends towards sum(histogram)/256 = pixel_count/256
+  (clipped to 255, truncated), not towards the mean grey level. Off: the mean
+  grey level, rounded as PIL does.
 
 All randomness is stateless (explicit [2] seeds), so a seed fixes the result.
 """
@@ -36,40 +50,12 @@ from typing import Callable, Sequence
 
 import tensorflow as tf
 
-AUGMENT_NAMES = ('none', 'autoaugment', 'randaugment')
+from efficientnet_jax.data.options import AUTOAUGMENT_TRANSLATE
+from efficientnet_jax.data.options import RANDAUGMENT_CUTOUT
+from efficientnet_jax.data.options import RANDAUGMENT_TRANSLATE
+
 _MAX_LEVEL = 10.0
 _FILL = 128  # grey for pixels that a geometric op leaves empty (official)
-# Official pixel constants, tuned for 224-px images.
-RANDAUGMENT_TRANSLATE, RANDAUGMENT_CUTOUT = 100.0, 40.0
-AUTOAUGMENT_TRANSLATE, AUTOAUGMENT_CUTOUT = 250.0, 100.0
-_REFERENCE_SIZE = 224
-
-
-def check_augment_name(name: str) -> str:
-  """Returns `name` if it is an augmentation this package implements.
-
-  Raises:
-    ValueError: naming the value and the accepted names.
-  """
-  if name not in AUGMENT_NAMES:
-    raise ValueError(f'Unknown augmentation {name!r}; expected one of '
-                     f'{AUGMENT_NAMES}.')
-  return name
-
-
-def pixel_constants(name: str, image_size: int) -> tuple[float, float]:
-  """(translate_const, cutout_const) for `name` at `image_size`.
-
-  The official constants at 224 px and above (so every ImageNet size matches
-  the official code); scaled by image_size/224 below it, so a 32-px image is
-  not translated or cut out of existence.
-  """
-  if check_augment_name(name) == 'autoaugment':
-    translate, cutout_size = AUTOAUGMENT_TRANSLATE, AUTOAUGMENT_CUTOUT
-  else:
-    translate, cutout_size = RANDAUGMENT_TRANSLATE, RANDAUGMENT_CUTOUT
-  scale = min(1.0, image_size / _REFERENCE_SIZE)
-  return translate * scale, cutout_size * scale
 
 
 # --------------------------------------------------------------------------
@@ -78,14 +64,22 @@ def pixel_constants(name: str, image_size: int) -> tuple[float, float]:
 Level = tf.Tensor | float
 
 
-def _fraction(level: Level) -> tf.Tensor:
-  """level / 10 as a float32 tensor (levels may be Python floats or tensors)."""
-  return tf.cast(level, tf.float32) / _MAX_LEVEL
+def _scaled(level: Level, maximum: float) -> tf.Tensor:
+  """(level/10)·maximum in float64, as the official Python arithmetic.
+
+  Computing it in float32 can land one ulp off (and `int()` then one lower).
+  """
+  return tf.cast(level, tf.float64) / _MAX_LEVEL * maximum
+
+
+def _float_arg(level: Level, maximum: float) -> tf.Tensor:
+  """(level/10)·maximum as the float32 the official graph receives."""
+  return tf.cast(_scaled(level, maximum), tf.float32)
 
 
 def _int_arg(level: Level, maximum: float) -> tf.Tensor:
-  """int(level/10 · maximum) as int32, truncating like the official `int()`."""
-  return tf.cast(tf.floor(_fraction(level) * maximum), tf.int32)
+  """int((level/10)·maximum) as int32, truncating like the official `int()`."""
+  return tf.cast(tf.floor(_scaled(level, maximum)), tf.int32)
 
 
 def _random_sign(value: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
@@ -159,7 +153,7 @@ def invert(image: tf.Tensor, level: Level, seed: tf.Tensor) -> tf.Tensor:
 
 def rotate(image: tf.Tensor, level: Level, seed: tf.Tensor) -> tf.Tensor:
   """Rotates about the centre by ±30·level/10 degrees."""
-  radians = _random_sign(_fraction(level) * 30.0, seed) * (math.pi / 180.0)
+  radians = _random_sign(_float_arg(level, 30.0), seed) * (math.pi / 180.0)
   height = tf.cast(tf.shape(image)[0], tf.float32) - 1.0
   width = tf.cast(tf.shape(image)[1], tf.float32) - 1.0
   cos, sin = tf.cos(radians), tf.sin(radians)
@@ -169,20 +163,53 @@ def rotate(image: tf.Tensor, level: Level, seed: tf.Tensor) -> tf.Tensor:
   return _transform(image, [cos, -sin, x_offset, sin, cos, y_offset, 0.0, 0.0])
 
 
-def posterize(image: tf.Tensor, level: Level, seed: tf.Tensor) -> tf.Tensor:
-  """Keeps the top int(4·level/10) bits of every pixel (clamped to 0..8)."""
+def posterize(image: tf.Tensor, level: Level, seed: tf.Tensor, *,
+              quirk: bool = True) -> tf.Tensor:
+  """Keeps the top int(4·level/10) bits of every pixel.
+
+  Args:
+    image: uint8 [H, W, 3].
+    level: 0–10 scale (or beyond).
+    seed: unused.
+    quirk: True (official): the shift 8 − bits is taken mod 256 and clamped
+      to 7, as `tf.bitwise` on uint8 does, so 0 bits and ≥ 9 bits keep the
+      top bit. False: bits clamped to 0..8 (0 = black, 8 = identity).
+
+  Returns:
+    uint8 [H, W, 3].
+  """
   del seed
-  shift = 8 - tf.clip_by_value(_int_arg(level, 4), 0, 8)
-  # In int32 a shift by 8 is defined (gives 0: level 0 is black, as official).
+  bits = _int_arg(level, 4)
+  if quirk:
+    # Official: right_shift(image, 8 - bits) with a Python int on uint8.
+    shift = tf.minimum(tf.math.floormod(8 - bits, 256), 7)
+  else:
+    shift = 8 - tf.clip_by_value(bits, 0, 8)
+  # In int32 every shift 0..8 is defined; the result stays within 0..255.
   x = tf.bitwise.left_shift(
       tf.bitwise.right_shift(tf.cast(image, tf.int32), shift), shift)
   return tf.cast(x, tf.uint8)
 
 
-def solarize(image: tf.Tensor, level: Level, seed: tf.Tensor) -> tf.Tensor:
-  """Inverts pixels ≥ int(256·level/10)."""
+def solarize(image: tf.Tensor, level: Level, seed: tf.Tensor, *,
+             quirk: bool = True) -> tf.Tensor:
+  """Inverts pixels ≥ int(256·level/10).
+
+  Args:
+    image: uint8 [H, W, 3].
+    level: 0–10 scale (or beyond).
+    seed: unused.
+    quirk: True (official): the threshold is compared with a uint8 image, so
+      it is taken mod 256 (level 10 inverts everything). False: thresholds
+      ≥ 256 invert nothing.
+
+  Returns:
+    uint8 [H, W, 3].
+  """
   del seed
   threshold = _int_arg(level, 256)
+  if quirk:
+    threshold = tf.math.floormod(threshold, 256)
   return tf.where(tf.cast(image, tf.int32) < threshold, image, 255 - image)
 
 
@@ -195,7 +222,7 @@ def solarize_add(image: tf.Tensor, level: Level, seed: tf.Tensor) -> tf.Tensor:
 
 
 def _enhance_factor(level: Level) -> tf.Tensor:
-  return _fraction(level) * 1.8 + 0.1
+  return tf.cast(_scaled(level, 1.8) + 0.1, tf.float32)
 
 
 def color(image: tf.Tensor, level: Level, seed: tf.Tensor) -> tf.Tensor:
@@ -205,11 +232,30 @@ def color(image: tf.Tensor, level: Level, seed: tf.Tensor) -> tf.Tensor:
   return _blend(grey, image, _enhance_factor(level))
 
 
-def contrast(image: tf.Tensor, level: Level, seed: tf.Tensor) -> tf.Tensor:
-  """PIL Contrast: blends with the mean grey level, factor 0.1 + 1.8·level/10."""
+def contrast(image: tf.Tensor, level: Level, seed: tf.Tensor, *,
+             quirk: bool = True) -> tf.Tensor:
+  """PIL-like Contrast with factor 0.1 + 1.8·level/10.
+
+  Args:
+    image: uint8 [H, W, 3].
+    level: 0–10 scale (or beyond).
+    seed: unused.
+    quirk: True (official): blends with the constant grey
+      uint8(min(pixel_count/256, 255)), what the official
+      sum(histogram)/256 computes. False: with the mean grey level, rounded
+      as PIL does.
+
+  Returns:
+    uint8 [H, W, 3].
+  """
   del seed
   grey = tf.cast(tf.image.rgb_to_grayscale(image), tf.float32)
-  mean = tf.floor(tf.reduce_mean(grey) + 0.5)  # PIL rounds the mean
+  if quirk:
+    # sum(histogram_fixed_width(grey, [0, 255], 256)) is the pixel count.
+    count = tf.cast(tf.size(grey), tf.float32)
+    mean = tf.floor(tf.clip_by_value(count / 256.0, 0.0, 255.0))
+  else:
+    mean = tf.floor(tf.reduce_mean(grey) + 0.5)  # PIL rounds the mean
   return _blend(tf.fill(tf.shape(image), mean), image, _enhance_factor(level))
 
 
@@ -235,27 +281,27 @@ def sharpness(image: tf.Tensor, level: Level, seed: tf.Tensor) -> tf.Tensor:
 
 def shear_x(image: tf.Tensor, level: Level, seed: tf.Tensor) -> tf.Tensor:
   """Shears along x by a factor ±0.3·level/10."""
-  shear = _random_sign(_fraction(level) * 0.3, seed)
+  shear = _random_sign(_float_arg(level, 0.3), seed)
   return _transform(image, [1.0, shear, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0])
 
 
 def shear_y(image: tf.Tensor, level: Level, seed: tf.Tensor) -> tf.Tensor:
   """Shears along y by a factor ±0.3·level/10."""
-  shear = _random_sign(_fraction(level) * 0.3, seed)
+  shear = _random_sign(_float_arg(level, 0.3), seed)
   return _transform(image, [1.0, 0.0, 0.0, shear, 1.0, 0.0, 0.0, 0.0])
 
 
 def translate_x(image: tf.Tensor, level: Level, seed: tf.Tensor, *,
                 translate_const: float = RANDAUGMENT_TRANSLATE) -> tf.Tensor:
   """Shifts along x by ±translate_const·level/10 pixels."""
-  pixels = _random_sign(_fraction(level) * translate_const, seed)
+  pixels = _random_sign(_float_arg(level, translate_const), seed)
   return _transform(image, [1.0, 0.0, pixels, 0.0, 1.0, 0.0, 0.0, 0.0])
 
 
 def translate_y(image: tf.Tensor, level: Level, seed: tf.Tensor, *,
                 translate_const: float = RANDAUGMENT_TRANSLATE) -> tf.Tensor:
   """Shifts along y by ±translate_const·level/10 pixels."""
-  pixels = _random_sign(_fraction(level) * translate_const, seed)
+  pixels = _random_sign(_float_arg(level, translate_const), seed)
   return _transform(image, [1.0, 0.0, 0.0, 0.0, 1.0, pixels, 0.0, 0.0])
 
 
@@ -288,11 +334,18 @@ def _apply_one_of(ops: Sequence[Op], index: tf.Tensor, image: tf.Tensor,
   return tf.ensure_shape(out, image.shape)
 
 
-def _randaugment_ops(translate_const: float, cutout_const: float) -> list[Op]:
-  # The official RandAugment op list, in its order.
+def _randaugment_ops(translate_const: float, cutout_const: float, *,
+                     posterize_quirk: bool, contrast_quirk: bool,
+                     solarize_quirk: bool) -> list[Op]:
+  # The official RandAugment op list, in its order (`available_ops` of
+  # `distort_image_with_randaugment`, tensorflow/tpu efficientnet
+  # autoaugment.py, commit 7dc921f).
   return [
-      auto_contrast, equalize, invert, rotate, posterize, solarize, color,
-      contrast, brightness, sharpness, shear_x, shear_y,
+      auto_contrast, equalize, invert, rotate,
+      functools.partial(posterize, quirk=posterize_quirk),
+      functools.partial(solarize, quirk=solarize_quirk), color,
+      functools.partial(contrast, quirk=contrast_quirk),
+      brightness, sharpness, shear_x, shear_y,
       functools.partial(translate_x, translate_const=translate_const),
       functools.partial(translate_y, translate_const=translate_const),
       functools.partial(cutout, cutout_const=cutout_const), solarize_add
@@ -302,7 +355,9 @@ def _randaugment_ops(translate_const: float, cutout_const: float) -> list[Op]:
 def randaugment(image: tf.Tensor, seed: tf.Tensor, *, num_layers: int = 2,
                 magnitude: float = 10.0,
                 translate_const: float = RANDAUGMENT_TRANSLATE,
-                cutout_const: float = RANDAUGMENT_CUTOUT) -> tf.Tensor:
+                cutout_const: float = RANDAUGMENT_CUTOUT,
+                posterize_quirk: bool = True, contrast_quirk: bool = True,
+                solarize_quirk: bool = True) -> tf.Tensor:
   """RandAugment: `num_layers` ops drawn uniformly from 16, each at `magnitude`.
 
   As the official code, a drawn op is always applied (no per-op probability).
@@ -314,11 +369,17 @@ def randaugment(image: tf.Tensor, seed: tf.Tensor, *, num_layers: int = 2,
     magnitude: M on the 0–10 scale of the module docstring.
     translate_const: pixels of translation at M=10.
     cutout_const: cutout half-side in pixels at M=10.
+    posterize_quirk: see `posterize` (True = official).
+    contrast_quirk: see `contrast` (True = official).
+    solarize_quirk: see `solarize` (True = official).
 
   Returns:
     uint8 [H, W, 3].
   """
-  ops = _randaugment_ops(translate_const, cutout_const)
+  ops = _randaugment_ops(translate_const, cutout_const,
+                         posterize_quirk=posterize_quirk,
+                         contrast_quirk=contrast_quirk,
+                         solarize_quirk=solarize_quirk)
   for layer_seed in tf.unstack(
       tf.random.experimental.stateless_split(seed, num_layers)):
     choice_seed, op_seed = tf.unstack(
@@ -328,19 +389,25 @@ def randaugment(image: tf.Tensor, seed: tf.Tensor, *, num_layers: int = 2,
   return image
 
 
-def policy_v0(translate_const: float = AUTOAUGMENT_TRANSLATE
+def policy_v0(translate_const: float = AUTOAUGMENT_TRANSLATE, *,
+              posterize_quirk: bool = True, solarize_quirk: bool = True
              ) -> list[list[tuple[Op, float, float]]]:
   """The AutoAugment paper's ImageNet policy (official `policy_v0`).
 
-  25 sub-policies of two (op, probability, level) steps each.
+  25 sub-policies of two (op, probability, level) steps each. It has no
+  Contrast or Cutout, so only the translate constant and the posterize and
+  solarize quirks matter.
   """
   ty = functools.partial(translate_y, translate_const=translate_const)
+  # One object per op: `autoaugment` tables the distinct ops by identity.
+  post = functools.partial(posterize, quirk=posterize_quirk)
+  sol = functools.partial(solarize, quirk=solarize_quirk)
   return [
       [(equalize, 0.8, 1), (shear_y, 0.8, 4)],
       [(color, 0.4, 9), (equalize, 0.6, 3)],
       [(color, 0.4, 1), (rotate, 0.6, 8)],
-      [(solarize, 0.8, 3), (equalize, 0.4, 7)],
-      [(solarize, 0.4, 2), (solarize, 0.6, 2)],
+      [(sol, 0.8, 3), (equalize, 0.4, 7)],
+      [(sol, 0.4, 2), (sol, 0.6, 2)],
       [(color, 0.2, 0), (equalize, 0.8, 8)],
       [(equalize, 0.4, 8), (solarize_add, 0.8, 3)],
       [(shear_x, 0.2, 9), (rotate, 0.6, 8)],
@@ -348,35 +415,40 @@ def policy_v0(translate_const: float = AUTOAUGMENT_TRANSLATE
       [(invert, 0.4, 9), (rotate, 0.6, 0)],
       [(equalize, 1.0, 9), (shear_y, 0.6, 3)],
       [(color, 0.4, 7), (equalize, 0.6, 0)],
-      [(posterize, 0.4, 6), (auto_contrast, 0.4, 7)],
-      [(solarize, 0.6, 8), (color, 0.6, 9)],
-      [(solarize, 0.2, 4), (rotate, 0.8, 9)],
+      [(post, 0.4, 6), (auto_contrast, 0.4, 7)],
+      [(sol, 0.6, 8), (color, 0.6, 9)],
+      [(sol, 0.2, 4), (rotate, 0.8, 9)],
       [(rotate, 1.0, 7), (ty, 0.8, 9)],
-      [(shear_x, 0.0, 0), (solarize, 0.8, 4)],
+      [(shear_x, 0.0, 0), (sol, 0.8, 4)],
       [(shear_y, 0.8, 0), (color, 0.6, 4)],
       [(color, 1.0, 0), (rotate, 0.6, 2)],
       [(equalize, 0.8, 4), (equalize, 0.0, 8)],
       [(equalize, 1.0, 4), (auto_contrast, 0.6, 2)],
       [(shear_y, 0.4, 7), (solarize_add, 0.6, 7)],
-      [(posterize, 0.8, 2), (solarize, 0.6, 10)],
-      [(solarize, 0.6, 8), (equalize, 0.6, 1)],
+      [(post, 0.8, 2), (sol, 0.6, 10)],
+      [(sol, 0.6, 8), (equalize, 0.6, 1)],
       [(color, 0.8, 6), (rotate, 0.4, 5)],
   ]
 
 
 def autoaugment(image: tf.Tensor, seed: tf.Tensor, *,
-                translate_const: float = AUTOAUGMENT_TRANSLATE) -> tf.Tensor:
+                translate_const: float = AUTOAUGMENT_TRANSLATE,
+                posterize_quirk: bool = True,
+                solarize_quirk: bool = True) -> tf.Tensor:
   """AutoAugment v0: one random sub-policy; each step fires with its probability.
 
   Args:
     image: uint8 [H, W, 3].
     seed: int32/int64 [2] stateless seed.
     translate_const: pixels of translation at level 10 (official 250).
+    posterize_quirk: see `posterize` (True = official).
+    solarize_quirk: see `solarize` (True = official).
 
   Returns:
     uint8 [H, W, 3].
   """
-  policy = policy_v0(translate_const)
+  policy = policy_v0(translate_const, posterize_quirk=posterize_quirk,
+                     solarize_quirk=solarize_quirk)
   # The policy as lookup tables over its distinct ops: two op switches in the
   # graph instead of 25 sub-policy branches, which is ~10x faster to trace.
   ops = list(dict.fromkeys(op for sub in policy for op, _, _ in sub))

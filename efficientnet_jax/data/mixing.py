@@ -1,7 +1,9 @@
-"""Mixup and CutMix on a host numpy batch, as the official V2 code (`recipe.md` §3).
+"""Mixup and CutMix on a host numpy batch, as the official V2 code.
 
-AutoML `efficientnetv2/datasets.py` mixes *batched* data: each example is mixed
-with the batch reversed, with a per-example λ (mixup) or box (cutmix). Mixing
+google/automl `efficientnetv2/datasets.py` (commit 6a54c87, `ImageNetInput.
+mixup`, `cutmix`, `cutmix_mask`, `mixing`) mixes *batched* data: each example
+is mixed with the batch reversed, with a per-example λ (mixup) or box (cutmix);
+CutMix labels are weighted by one scalar, the boxes' mean area. Mixing
 the normalised images equals mixing raw pixels, since normalisation is affine
 and the weights sum to 1. All randomness comes from the numpy `rng` argument;
 the input pipeline seeds it per step, so mixing is deterministic and resumable.
@@ -28,8 +30,10 @@ def cutmix(images: np.ndarray, labels: np.ndarray, alpha: float,
   """Pastes one box per example from the reversed batch.
 
   Box centre uniform over the image, sides int(√(1 − a)·(H, W)) with
-  a ~ Beta(α, α), clipped to the image; the label weight is the clipped
-  box's actual area fraction.
+  a ~ Beta(α, α), clipped to the image. As the official `cutmix`
+  (mix_area = reduce_sum(mask) / size(mask) over the whole batch of masks),
+  every label gets the same weight: the clipped boxes' area fraction averaged
+  over the batch, not the example's own box area.
   """
   batch, height, width = images.shape[:3]
   cy = rng.integers(0, height, size=batch)
@@ -44,8 +48,9 @@ def cutmix(images: np.ndarray, labels: np.ndarray, alpha: float,
   in_cols = (cols >= x1[:, None]) & (cols < x2[:, None])
   box = in_rows[:, :, None] & in_cols[:, None, :]
   images = np.where(box[..., None], images[::-1], images)
-  area = ((y2 - y1) * (x2 - x1) / (height * width)).astype(np.float32)
-  labels = (1.0 - area[:, None]) * labels + area[:, None] * labels[::-1]
+  # One scalar for the batch: the official mean of the stacked masks.
+  area = np.float32(box.mean())
+  labels = (1.0 - area) * labels + area * labels[::-1]
   return images, labels
 
 

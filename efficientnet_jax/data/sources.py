@@ -7,7 +7,10 @@ preprocessing. `input_pipeline.py` does the rest, identically for every source.
 * `'fashion_mnist'`: the offline builder over Debian's IDX files
   (`fashion_mnist.FashionMnistDebian`), prepared into `data_dir` on first use.
 * `'imagenet2012'`: TFDS's builder; manual download, prepared once by
-  `scripts/prepare_imagenet.sh` (never implicitly: it takes hours).
+  `scripts/prepare_imagenet.sh` (never implicitly: it takes hours). Besides
+  TFDS split strings it takes the split presets `train_minus_minival`,
+  `minival` and `validation` (`efficientnet_jax/data/splits.py`, TF-free so that
+  the dry run counts them without importing TF).
 * any other name: a TFDS image-classification dataset already prepared in
   `data_dir`. Nothing is downloaded at run time.
 * `'folder'`: `folder/<class>/*.jpg|png` (classes sorted), or
@@ -25,34 +28,12 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from efficientnet_jax.data import splits
 from efficientnet_jax.data import fashion_mnist
+from efficientnet_jax.data.spec import DataSpec
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif')
 IMAGENET_TARS = ('ILSVRC2012_img_train.tar', 'ILSVRC2012_img_val.tar')
-
-
-@dataclasses.dataclass(frozen=True)
-class DataSpec:
-  """What a dataset is, independent of augmentation.
-
-  Attributes:
-    name: 'fashion_mnist', 'imagenet2012', any TFDS name, or 'folder'.
-    data_dir: TFDS data_dir (prepared data / builder cache); None = TFDS default.
-    manual_dir: imagenet2012 manual dir holding the ILSVRC2012 tars; None =
-      `<data_dir>/downloads/manual`.
-    folder: root of an image folder when name == 'folder'.
-    source_dir: Fashion-MNIST IDX directory override.
-    train_split: split (or TFDS slice such as 'train[:95%]') to train on.
-    eval_split: split to evaluate on (fashion_mnist: 'test'; imagenet2012:
-      'validation').
-  """
-  name: str
-  data_dir: str | None = None
-  manual_dir: str | None = None
-  folder: str | None = None
-  source_dir: str | None = None
-  train_split: str = 'train'
-  eval_split: str = 'test'
 
 
 class Source(Protocol):
@@ -91,6 +72,8 @@ class TfdsSource:
 
   def _dataset(self, split: str, process_index: int, process_count: int,
                drop_remainder: bool, shuffle_seed: int | None):
+    # A preset ('train_minus_minival', 'minival', ...) names a TFDS slice.
+    split = splits.tfds_split(self.builder.name, split)
     if process_count > 1:
       # Contiguous, near-equal slices (tfds.split_for_jax_process does the same
       # with jax's process index; we take the index explicitly so tests and

@@ -1,4 +1,4 @@
-"""Linen building blocks: padded convs, depthwise conv, batch norm, squeeze-excite, MBConv, Fused-MBConv."""
+"""Linen layers: padded convs, depthwise conv, batch norm, squeeze-excite, (Fused-)MBConv."""
 
 from __future__ import annotations
 
@@ -111,8 +111,47 @@ class DepthwiseConv(nn.Module):
                                   kernels.resolve_depthwise_impl(self.impl))
 
 
+def group_average(mean, var):
+  """The statistics the running averages take from [groups, C] group statistics: their mean.
+
+  Officially (tensorflow/tpu and google/automl `TpuBatchNormalization`, the
+  files cited in kernels.py) the Keras base layer updates `moving_mean` /
+  `moving_variance` on every replica with that replica's *group* statistics
+  and no all-reduce follows, so the copies of different groups drift apart;
+  which value a checkpoint gets is the runtime's business (keras-team/tf-keras
+  `tf_keras/layers/normalization/batch_normalization.py` `build`, 6add81a,
+  declares them ON_READ / MEAN: read as the mean over replicas). Our state is
+  one replicated copy. The moving average is linear in its input, so updating
+  it with the mean over groups gives exactly the mean of the per-group copies:
+  the MEAN read, the expected value of any one replica's copy (groups are
+  exchangeable), and what the official `DistributedBatchNormalization` does
+  explicitly (tensorflow/tpu `models/official/efficientnet/utils.py` lines
+  244-248 at 7dc921f: a cross-replica mean before `assign_sub`). The variance
+  is the mean of the group variances, not the variance of the global batch.
+  """
+  return jnp.mean(mean, axis=0), jnp.mean(var, axis=0)
+
+
+def _bn_variables(module: nn.Module, features: tuple[int]):
+  """nn.BatchNorm's variables: params 'scale', 'bias'; batch_stats 'mean', 'var' (fp32)."""
+  scale = module.param('scale', nn.initializers.ones, features, jnp.float32)
+  bias = module.param('bias', nn.initializers.zeros, features, jnp.float32)
+  ra_mean = module.variable('batch_stats', 'mean', lambda: jnp.zeros(features, jnp.float32))
+  ra_var = module.variable('batch_stats', 'var', lambda: jnp.ones(features, jnp.float32))
+  return scale, bias, ra_mean, ra_var
+
+
+def _update_running(module: nn.Module, ra_mean, ra_var, mean, var, momentum: float):
+  """nn.BatchNorm's update of the running averages (none while initializing)."""
+  if module.is_initializing():
+    return
+  mean, var = jax.lax.stop_gradient(mean), jax.lax.stop_gradient(var)
+  ra_mean.value = momentum * ra_mean.value + (1 - momentum) * mean
+  ra_var.value = momentum * ra_var.value + (1 - momentum) * var
+
+
 class FusedBatchNorm(nn.Module):
-  """nn.BatchNorm (same variables, statistics and update), fused in training with the activation after it.
+  """nn.BatchNorm (same variables, statistics and update), fused in training with the activation.
 
   Training uses `kernels.bn_act_train`, whose hand-written backward reads x and the
   incoming gradient twice each and recomputes the activation, where autodiff
@@ -120,42 +159,82 @@ class FusedBatchNorm(nn.Module):
   and keeps 3 of them alive for the backward. In inference there is no
   backward to fuse: the module returns the BN output like nn.BatchNorm (so
   captured intermediates mean the same) and `batch_norm_act` activates it.
+  With `groups` > 1 training normalises each group of consecutive rows by its
+  own statistics (`kernels.grouped_bn_act_train`, the same custom VJP per
+  group) and the running averages take their `group_average`.
   """
   momentum: float = 0.99
   epsilon: float = 1e-3
   dtype: Dtype = jnp.float32
   act: str | None = None
+  groups: int = 1
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     """Returns act(BN(x)) when `train`, BN(x) otherwise."""
-    features = (x.shape[-1],)
-    scale = self.param('scale', nn.initializers.ones, features, jnp.float32)
-    bias = self.param('bias', nn.initializers.zeros, features, jnp.float32)
-    ra_mean = self.variable('batch_stats', 'mean', lambda: jnp.zeros(features, jnp.float32))
-    ra_var = self.variable('batch_stats', 'var', lambda: jnp.ones(features, jnp.float32))
+    scale, bias, ra_mean, ra_var = _bn_variables(self, (x.shape[-1],))
     if not train:
-      return kernels.bn_forward(x, scale, bias, ra_mean.value, ra_var.value, self.epsilon, self.dtype)
-    out, mean, var = kernels.bn_act_train(x, scale, bias, self.epsilon, self.act, self.dtype)
-    if not self.is_initializing():
-      mean, var = jax.lax.stop_gradient(mean), jax.lax.stop_gradient(var)
-      ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
-      ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+      return kernels.bn_forward(x, scale, bias, ra_mean.value, ra_var.value, self.epsilon,
+                                self.dtype)
+    if self.groups == 1:
+      out, mean, var = kernels.bn_act_train(x, scale, bias, self.epsilon, self.act, self.dtype)
+    else:
+      out, mean, var = kernels.grouped_bn_act_train(x, scale, bias, self.epsilon, self.act,
+                                                    self.dtype, self.groups)
+      mean, var = group_average(mean, var)
+    _update_running(self, ra_mean, ra_var, mean, var, self.momentum)
     return out
 
 
+class GroupedBatchNorm(nn.Module):
+  """Training-mode nn.BatchNorm with per-group statistics (`groups` > 1), same variables.
+
+  Each group of consecutive rows is normalised by its own batch statistics
+  (`kernels.grouped_bn_train`, plain JAX: autodiff gives the gradient); the
+  running averages take their `group_average`. Inference and `groups` == 1
+  use nn.BatchNorm itself (see `batch_norm_act`).
+  """
+  momentum: float = 0.99
+  epsilon: float = 1e-3
+  dtype: Dtype = jnp.float32
+  groups: int = 2
+
+  @nn.compact
+  def __call__(self, x):
+    scale, bias, ra_mean, ra_var = _bn_variables(self, (x.shape[-1],))
+    out, mean, var = kernels.grouped_bn_train(x, scale, bias, self.epsilon, self.dtype,
+                                              self.groups)
+    _update_running(self, ra_mean, ra_var, *group_average(mean, var), self.momentum)
+    return out
+
+
+def check_bn_groups(groups) -> int:
+  """`groups` if it is an int >= 1 (batch-norm groups), else a ValueError."""
+  if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+    raise ValueError(f'bn_groups={groups!r}; accepted: an int >= 1 (1: statistics over the '
+                     'whole batch)')
+  return groups
+
+
 def batch_norm_act(x, train: bool, *, momentum: float, epsilon: float, dtype: Dtype,
-                   act: str | None, impl: str, name: str):
+                   act: str | None, impl: str, name: str, groups: int = 1):
   """BN (submodule `name`, nn.BatchNorm's variables) followed by `act` (None: identity).
 
   Call it inside a compact method. impl 'flax' is nn.BatchNorm then the
   activation; 'fused' is `FusedBatchNorm`, equal in value and gradient.
+  `groups` > 1 splits the batch into that many groups of consecutive rows,
+  each normalised by its own statistics in training (the official TPU
+  grouped BN, see kernels.py); 1 is the whole batch, exactly as before.
   """
+  check_bn_groups(groups)
   if kernels.resolve_bn_impl(impl) == 'flax':
-    x = nn.BatchNorm(use_running_average=not train, momentum=momentum, epsilon=epsilon,
-                     dtype=dtype, name=name)(x)
+    if train and groups > 1:
+      x = GroupedBatchNorm(momentum, epsilon, dtype, groups, name=name)(x)
+    else:
+      x = nn.BatchNorm(use_running_average=not train, momentum=momentum, epsilon=epsilon,
+                       dtype=dtype, name=name)(x)
     return kernels.activate(x, act)
-  x = FusedBatchNorm(momentum, epsilon, dtype, act, name=name)(x, train)
+  x = FusedBatchNorm(momentum, epsilon, dtype, act, groups, name=name)(x, train)
   return x if train else kernels.activate(x, act)
 
 
@@ -207,11 +286,13 @@ class MBConv(nn.Module):
   dtype: Dtype = jnp.float32
   conv_impl: str = 'conv'
   bn_impl: str = 'flax'
+  bn_groups: int = 1
 
   def _bn(self, x, train, name, act=None):
     # Statistics and scale/bias stay fp32 whatever the compute dtype.
     return batch_norm_act(x, train, momentum=self.bn_momentum, epsilon=self.bn_epsilon,
-                          dtype=self.dtype, act=act, impl=self.bn_impl, name=name)
+                          dtype=self.dtype, act=act, impl=self.bn_impl, name=name,
+                          groups=self.bn_groups)
 
   @nn.compact
   def __call__(self, x, train: bool = False, drop_mask=None):

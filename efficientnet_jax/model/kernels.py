@@ -2,7 +2,9 @@
 
 Each computes exactly what a plain JAX formulation computes (tests hold them to
 it): a 1x1 conv as a dot, the depthwise conv as shifted multiply-adds, and
-training-mode batch norm fused with the activation after it. The linen modules
+training-mode batch norm fused with the activation after it (also per group of
+rows, the official TPU grouped statistics: `grouped_bn_act_train`, with
+`grouped_bn_train` its plain autodiff twin). The linen modules
 that own the parameters live in `blocks.py`; 'auto' picks these on CPU only.
 """
 
@@ -36,7 +38,7 @@ def resolve_conv_impl(impl: str) -> str:
 
 
 def resolve_depthwise_impl(impl: str) -> str:
-  """'auto' picks shifted multiply-adds on CPU (XLA:CPU grouped convs are slow), grouped elsewhere."""
+  """'auto' picks shifted multiply-adds on CPU (XLA:CPU's grouped convs are slow), else grouped."""
   return _resolve_impl('depthwise', impl, DEPTHWISE_IMPLS, cpu='shifted', native='grouped')
 
 
@@ -226,7 +228,7 @@ def batch_stats(x32, axes):
 
 
 def bn_forward(x, scale, bias, mean, var, epsilon, dtype):
-  """flax.linen's _normalize, operation for operation: ((x - mean) * (rsqrt(var + eps) * scale) + bias)."""
+  """flax.linen's _normalize, op for op: (x - mean) * (rsqrt(var + eps) * scale) + bias."""
   mul = jax.lax.rsqrt(var + epsilon) * scale
   return jnp.asarray((x - mean) * mul + bias, dtype)
 
@@ -276,3 +278,67 @@ def bn_act_train_bwd(epsilon, act, dtype, residuals, cotangents):
 
 
 bn_act_train.defvjp(bn_act_train_fwd, bn_act_train_bwd)
+
+
+# Grouped batch statistics, as the official TPU training computes them:
+# tensorflow/tpu models/official/efficientnet/utils.py (7dc921f)
+# `TpuBatchNormalization._moments` lines 142-166 and google/automl
+# efficientnetv2/utils.py (6a54c87) `TpuBatchNormalization._moments` lines
+# 183-202. Each replica takes its shard's mean m_r and variance v_r; a group
+# of replicas then shares
+#   group mean     = avg_r m_r
+#   group variance = avg_r (v_r + m_r^2) - (group mean)^2      (E[x^2] - E[x]^2).
+# Every replica holds the same number of rows, so avg_r m_r is the mean of the
+# group's rows and avg_r (v_r + m_r^2) their mean square: the formula is
+# `batch_stats` (flax's fast variance) over the group's rows, which is what we
+# compute. The one difference is flax's clip of a round-off-negative variance
+# at 0, kept so that one group equals today's global statistics exactly.
+
+
+def split_groups(x, groups: int):
+  """[B, ...] -> [groups, B // groups, ...]: consecutive rows form a group.
+
+  Under the trainer's P('data') batch sharding replica r holds rows
+  [r * b, (r + 1) * b) of the global batch, so a group of consecutive rows is
+  a group of consecutive replicas, as in the official `group_assignment`.
+
+  Raises:
+    ValueError: `groups` does not divide the batch.
+  """
+  batch = x.shape[0]
+  if batch % groups:
+    raise ValueError(f'bn_groups={groups} does not divide the batch of {batch} rows: every '
+                     f'batch-norm group needs the same number of rows (use a multiple of '
+                     f'{groups})')
+  return x.reshape((groups, batch // groups) + x.shape[1:])
+
+
+def grouped_bn_train(x, scale, bias, epsilon: float, dtype, groups: int):
+  """Training-mode BN where each group of rows uses its own batch statistics.
+
+  Plain JAX (autodiff differentiates it), nn.BatchNorm's operations on each
+  group: statistics in at least fp32, then `bn_forward`.
+
+  Returns:
+    (out like x, mean [groups, C], var [groups, C]).
+  """
+  xg = split_groups(x, groups)
+  axes = tuple(range(1, xg.ndim - 1))
+  mean, var = batch_stats(xg.astype(jnp.promote_types(x.dtype, jnp.float32)), axes)
+  # [groups, 1, ..., 1, C]: one statistic per group, broadcast over its rows.
+  shape = (groups,) + (1,) * len(axes) + (x.shape[-1],)
+  out = bn_forward(xg, scale, bias, mean.reshape(shape), var.reshape(shape), epsilon, dtype)
+  return out.reshape(x.shape), mean, var
+
+
+def grouped_bn_act_train(x, scale, bias, epsilon: float, act: str | None, dtype, groups: int):
+  """`bn_act_train` on each group of rows: (out like x, mean [groups, C], var [groups, C]).
+
+  A vmap of the custom VJP over the groups: JAX batches its hand-written
+  forward and backward rules, so each group keeps the fused backward (and its
+  memory saving), and sums the per-group scale / bias cotangents because
+  scale and bias are not mapped.
+  """
+  fn = lambda xg: bn_act_train(xg, scale, bias, epsilon, act, dtype)
+  out, mean, var = jax.vmap(fn)(split_groups(x, groups))
+  return out.reshape(x.shape), mean, var

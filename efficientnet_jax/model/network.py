@@ -42,6 +42,13 @@ class EfficientNet(nn.Module):
       instead of one per block. Their parameters are then stacked under
       `stage_{s}_repeats/block` (see `stack_block_variables`), and stochastic
       depth draws different (equally distributed) masks.
+    bn_groups: how many groups of consecutive rows the (global) batch is split
+      into for training-mode batch-norm statistics, each group normalised by
+      its own mean / variance (the official TPU grouped BN; see
+      `blocks.batch_norm_act`). With the batch sharded P('data') a group is
+      data_replicas // bn_groups consecutive replicas, so set it to
+      data_replicas // group_size. 1: statistics over the whole global batch.
+      The batch must divide by it; inference never depends on it.
   """
   spec: ModelSpec
   num_classes: int = 1000
@@ -54,18 +61,19 @@ class EfficientNet(nn.Module):
   bn_impl: str = 'auto'
   remat: bool = False
   scan_blocks: bool = False
+  bn_groups: int = 1
 
   def _bn(self, x, train, name, act=None):
     return blocks_lib.batch_norm_act(x, train, momentum=self.spec.bn_momentum,
                                  epsilon=self.spec.bn_epsilon, dtype=self.dtype, act=act,
-                                 impl=self.bn_impl, name=name)
+                                 impl=self.bn_impl, name=name, groups=self.bn_groups)
 
   def _block_kwargs(self) -> dict:
     spec = self.spec
     return dict(activation=spec.activation, bn_momentum=spec.bn_momentum,
                 bn_epsilon=spec.bn_epsilon, padding=self.padding,
                 depthwise_impl=self.depthwise_impl, dtype=self.dtype,
-                conv_impl=self.conv_impl, bn_impl=self.bn_impl)
+                conv_impl=self.conv_impl, bn_impl=self.bn_impl, bn_groups=self.bn_groups)
 
   @nn.compact
   def __call__(self, x, train: bool = False, return_endpoints: bool = False):
@@ -278,4 +286,5 @@ def create_model(name_or_spec: str | ModelSpec, *, drop_connect: float | None = 
   kernels.resolve_depthwise_impl(kwargs.get('depthwise_impl', 'auto'))  # validates
   kernels.resolve_conv_impl(kwargs.get('conv_impl', 'auto'))
   kernels.resolve_bn_impl(kwargs.get('bn_impl', 'auto'))
+  blocks_lib.check_bn_groups(kwargs.get('bn_groups', 1))
   return EfficientNet(spec, **kwargs)

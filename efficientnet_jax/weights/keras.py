@@ -30,13 +30,14 @@ counterpart in our variables and are skipped (listed in
 `ImportReport.preprocessing`). With x the 0..255 RGB input and ImageNet
 mean = (0.485, 0.456, 0.406), std = (0.229, 0.224, 0.225):
 
-| Keras model                        | Keras preprocessing layers                          | computes            | ours   |
-|------------------------------------|-----------------------------------------------------|---------------------|--------|
-| V1 B0–B7, weights='imagenet'       | Rescaling(1/255), Normalization, Rescaling(1/√std)  | (x/255 − mean)/std  | 'v1'   |
-| V1 B0–B7, weights=None or a file   | Rescaling(1/255), Normalization (its stored state)  | see below           | –      |
-| V2 B0–B3                           | Rescaling(1/255), Normalization(mean, std²)         | (x/255 − mean)/std  | 'v1'   |
-| V2 S/M/L                           | Rescaling(1/128, offset=−1)                         | x/128 − 1           | 'v2'   |
-| include_preprocessing=False (V2)   | none                                                | x                   | –      |
+- V1 B0–B7, weights='imagenet': Rescaling(1/255), Normalization, Rescaling(1/√std);
+  computes (x/255 − mean)/std; ours 'v1'.
+- V1 B0–B7, weights=None or a file: Rescaling(1/255), Normalization with its
+  stored state; see below.
+- V2 B0–B3: Rescaling(1/255), Normalization(mean, std²); computes
+  (x/255 − mean)/std; ours 'v1'.
+- V2 S/M/L: Rescaling(1/128, offset=−1); computes x/128 − 1; ours 'v2'.
+- include_preprocessing=False (V2): none; computes x.
 
 Our 'v1' is (x − 255·mean)/(255·std) = (x/255 − mean)/std and 'v2' is
 (x − 128)/128 = x/128 − 1, so the ImageNet weights of every listed Keras model
@@ -68,12 +69,11 @@ import flax.traverse_util
 import keras
 import numpy as np
 
+from efficientnet_jax.data import options
 from efficientnet_jax.model import architectures
 from efficientnet_jax.model.architectures import Block, ModelSpec
 from efficientnet_jax.model import EfficientNet, create_model
-# ImportReport, Missing and ShapeMismatch are re-exported: callers of this
-# module name them as keras_import.ShapeMismatch.
-from efficientnet_jax.weights.report import (ImportReport, Missing, ShapeMismatch, finish,
+from efficientnet_jax.weights.report import (ImportReport, Missing, finish,
                                              match_variables, natural_key, variable_template)
 
 # Our variant name -> keras.applications constructor.
@@ -94,16 +94,9 @@ _KERAS_MODEL_NAMES: dict[str, str] = {
     'efficientnetv2-l': 'v2_l',
 }
 
-# Our input normalisations as (mean, std) in 0..255 units; the same constants
-# as `data/preprocessing.py`, restated so this module needs no TF data code.
-_IMAGENET_MEAN = (0.485, 0.456, 0.406)
-_IMAGENET_STD = (0.229, 0.224, 0.225)
+# Our input normalisations as (mean, std) in 0..255 units, and the identity.
 _OUR_NORMALIZATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
-    'v1': (tuple(255 * m for m in _IMAGENET_MEAN), tuple(255 * s for s in _IMAGENET_STD)),
-    'v2': ((128.0,) * 3, (128.0,) * 3),
-    'lite': ((127.0,) * 3, (128.0,) * 3),
-    'identity': ((0.0,) * 3, (1.0,) * 3),
-}
+    **options.NORMALIZATIONS, 'identity': ((0.0,) * 3, (1.0,) * 3)}
 
 # Layer types that make up Keras' built-in input preprocessing.
 _PREPROCESSING_LAYERS = (keras.layers.Rescaling, keras.layers.Normalization)

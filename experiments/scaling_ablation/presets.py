@@ -76,6 +76,10 @@ def smoke_config():
   config = base_config.get_config('smoke')
   config.data.name = 'fashion_mnist'
   config.data.eval_split = 'test'
+  # configs/demo.py's input ops (TF2 bicubic, scaled pixel constants, no quirks).
+  config.data.resize, config.data.aug_pixel_constants = 'bicubic', 'scaled'
+  config.data.posterize_quirk = config.data.contrast_quirk = False
+  config.data.solarize_quirk = False
   config.model.drop_connect = 0.0
   # The progressive study's dropout: its fixed-size point is then the same
   # program as single_vs_compound's base, and tests compile it once.

@@ -3,6 +3,7 @@
     python experiments/table2/table2.py                      # params, MACs, compute
     python experiments/table2/table2.py --workdirs b0=runs/b0,b4=gs://bucket/runs/b4
     python experiments/table2/table2.py --markdown           # or --json
+    python experiments/table2/table2.py --eval_json evals/b*.json  # released weights
 
 Paper numbers are arXiv:1905.11946 **v5** Table 2 (= the tensorflow/tpu README
 AutoAugment row and the released checkpoints; B0 77.1). The ICML'19 version
@@ -15,7 +16,10 @@ same counts the tests pin to the official figures). Accuracies come from each
 workdir's metrics.jsonl: the last `split: eval` record, EMA (`top1`, `top5`)
 and raw weights (`raw_top1`, `raw_top5`), written by efficientnet_jax/train.py.
 A workdir must be finished (its last eval at the configured train_steps /
-num_epochs, from its config.json) unless --allow-unfinished.
+num_epochs, from its config.json) unless --allow-unfinished. `--eval_json`
+shows released weights evaluated by `python -m efficientnet_jax.evaluate
+--weights=... --json` (official eval preprocessing of their origin) beside the
+paper; experiments/table2/README.md has the commands.
 """
 
 from __future__ import annotations
@@ -25,12 +29,8 @@ import json
 import os
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-if ROOT not in sys.path:
-  sys.path.insert(0, ROOT)
-
-from efficientnet_jax.model import architectures  # noqa: E402
-from efficientnet_jax import model_table  # noqa: E402
+from efficientnet_jax.model import architectures
+from efficientnet_jax import model_table
 
 MODELS = tuple(f'b{i}' for i in range(8))
 PAPER_REVISION = 'arXiv:1905.11946v5 Table 2 (AutoAugment, EMA weights, 350 epochs)'
@@ -152,9 +152,11 @@ def read_workdir(model: str, workdir: str, *, allow_unfinished: bool = False) ->
 
 def _trained_model(config: dict) -> str:
   """The variant name a saved config.json trains ('b3', 'b0[width=0.5]', ...)."""
-  import ml_collections  # pylint: disable=g-import-not-at-top
+  from configs import base  # pylint: disable=g-import-not-at-top
+  model = base.get_config().model  # fields a workdir's older config.json may lack
   try:
-    return architectures.spec_from_config(ml_collections.ConfigDict(config['model'])).name
+    model.update(config['model'])
+    return architectures.spec_from_config(model).name
   except (KeyError, ValueError, AttributeError) as e:
     return f'<unreadable model config: {e}>'
 
@@ -190,6 +192,110 @@ def parse_workdirs(text: str) -> dict[str, str]:
       raise ValueError(f'--workdirs names {model!r} twice')
     out[model] = workdir.strip()
   return out
+
+
+IMAGENET_VAL_EXAMPLES = 50_000
+_EVAL_FIELDS = ('weights', 'model', 'origin', 'top1', 'top5', 'count', 'data', 'preprocessing')
+
+
+def _eval_records(path: str) -> list:
+  """The JSON values of an evaluate --json output: one object, or one per line."""
+  if not _exists(path):
+    raise ValueError(f'--eval_json {path}: no such file')
+  lines = _read_lines(path)
+  try:
+    return [json.loads('\n'.join(lines))]
+  except json.JSONDecodeError:
+    pass
+  records = []
+  for number, line in enumerate(lines, 1):
+    if line.strip():
+      try:
+        records.append(json.loads(line))
+      except json.JSONDecodeError:
+        raise ValueError(f'--eval_json {path}: line {number} is not JSON') from None
+  return records
+
+
+def read_eval_json(path: str) -> list[dict]:
+  """Imported-weights accuracies from `python -m efficientnet_jax.evaluate --json` output.
+
+  Returns:
+    One row per record: the model, weights, origin, preprocessing, count, top-1/top-5
+    (percent) and the paper's figures beside them.
+
+  Raises:
+    ValueError: one line naming the file: not JSON, not an evaluate --weights output,
+      or a model outside Table 2.
+  """
+  rows = []
+  for record in _eval_records(path):
+    if not isinstance(record, dict) or 'ema' in record:
+      raise ValueError(f'--eval_json {path}: not an `evaluate --weights ... --json` output '
+                       '(workdir evaluations go in --workdirs)')
+    missing = [k for k in _EVAL_FIELDS if k not in record]
+    if missing:
+      raise ValueError(f'--eval_json {path}: no {", ".join(missing)} field; expected the '
+                       'output of `python -m efficientnet_jax.evaluate --weights=... --json`')
+    model = record['model']
+    if model not in MODELS:
+      raise ValueError(f'--eval_json {path}: model {model!r} is not in Table 2; accepted: '
+                       f'{", ".join(MODELS)}')
+    data, prep = record['data'], record['preprocessing']
+    top1 = _pct(record['top1'])
+    rows.append(dict(
+        model=model, weights=record['weights'], origin=record['origin'], file=path,
+        data=f'{data["name"]}:{data["split"]}', count=record['count'],
+        complete=(data['name'], data['split'], record['count']) == (
+            'imagenet2012', 'validation', IMAGENET_VAL_EXAMPLES),
+        image_size=prep['image_size'], crop=f'{prep["crop"]}/{prep["crop_padding"]}',
+        resize=prep['resize'], normalization=prep['normalization'],
+        top1=top1, top5=_pct(record['top5']),
+        paper_top1=PAPER_TOP1[model], paper_top5=PAPER_TOP5[model],
+        readme_no_aa_top1=README_NO_AA_TOP1.get(model),
+        top1_minus_paper=round(top1 - PAPER_TOP1[model], 2)))
+  return rows
+
+
+def imported_rows(paths) -> list[dict]:
+  """`read_eval_json` rows of every file, in Table 2 model order (stable per model)."""
+  rows = [row for path in paths for row in read_eval_json(path)]
+  return sorted(rows, key=lambda r: MODELS.index(r['model']))
+
+
+def _imported_note(r: dict) -> str:
+  if r['complete']:
+    return ''
+  return f' (NOT the 50k val set: {r["data"]}, {r["count"]} examples)'
+
+
+def format_imported_text(rows: list[dict]) -> str:
+  header = (f'{"model":<6}{"top-1":>7}{"top-5":>7}{"paper":>7}{"p-5":>6}{"diff":>7}'
+            f'{"noAA":>6}  {"origin":<8}{"res":>4} {"crop":<6} {"resize":<13}weights')
+  lines = ['Imported weights (python -m efficientnet_jax.evaluate --json):', header,
+           '-' * len(header)]
+  for r in rows:
+    lines.append(
+        f'{r["model"]:<6}{r["top1"]:>7.2f}{r["top5"]:>7.2f}{r["paper_top1"]:>7.1f}'
+        f'{r["paper_top5"]:>6.1f}{r["top1_minus_paper"]:>+7.2f}'
+        f'{_f(r["readme_no_aa_top1"], ".1f"):>6}  {r["origin"]:<8}{r["image_size"]:>4} '
+        f'{r["crop"]:<6} {r["resize"]:<13}{r["weights"]}{_imported_note(r)}')
+  lines.append('crop: rule/crop_padding (the crop keeps size/(size+padding) of the short '
+               'side); paper/p-5: v5; noAA: tensorflow/tpu README without AutoAugment.')
+  return '\n'.join(lines)
+
+
+def format_imported_markdown(rows: list[dict]) -> str:
+  lines = ['| model | weights | origin | res | crop | resize | top-1 | top-5 | paper v5 top-1 '
+           '| paper v5 top-5 | − paper | README no-AA |',
+           '|---|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|']
+  for r in rows:
+    lines.append(
+        f'| {r["model"]} | `{r["weights"]}`{_imported_note(r)} | {r["origin"]} | '
+        f'{r["image_size"]} | {r["crop"]} | {r["resize"]} | {r["top1"]:.2f} | '
+        f'{r["top5"]:.2f} | {r["paper_top1"]:.1f} | {r["paper_top5"]:.1f} | '
+        f'{r["top1_minus_paper"]:+.2f} | {_f(r["readme_no_aa_top1"], ".1f")} |')
+  return '\n'.join(lines)
 
 
 def _printed(value: float) -> str:
@@ -280,6 +386,9 @@ def main(argv=None) -> int:
   parser.add_argument('--models', default=','.join(MODELS), help='subset of b0..b7')
   parser.add_argument('--utilization', type=float, default=DEFAULT_UTILIZATION,
                       help='fraction of bf16 peak assumed for the compute estimate')
+  parser.add_argument('--eval_json', nargs='+', default=[], metavar='FILE',
+                      help='`python -m efficientnet_jax.evaluate --weights=... --json` outputs '
+                           '(released weights) to show beside the paper')
   output = parser.add_mutually_exclusive_group()
   output.add_argument('--json', action='store_true', help='one JSON object')
   output.add_argument('--markdown', action='store_true', help='markdown tables')
@@ -294,6 +403,7 @@ def main(argv=None) -> int:
     workdirs = parse_workdirs(args.workdirs)
     results = {m: read_workdir(m, d, allow_unfinished=args.allow_unfinished)
                for m, d in workdirs.items()}
+    imported = imported_rows(args.eval_json)
   except ValueError as e:  # WorkdirError included: one line naming the workdir
     print(f'error: {e}', file=sys.stderr)
     return 2
@@ -302,11 +412,15 @@ def main(argv=None) -> int:
   if args.json:
     print(json.dumps(dict(paper_revision=PAPER_REVISION, utilization=args.utilization,
                           epochs=EPOCHS, train_images=TRAIN_IMAGES, size=size,
-                          accuracy=accuracy), indent=1))
+                          accuracy=accuracy, imported=imported), indent=1))
   elif args.markdown:
     print(format_markdown(size, accuracy, args.utilization))
+    if imported:
+      print('\n' + format_imported_markdown(imported))
   else:
     print(format_text(size, accuracy, args.utilization))
+    if imported:
+      print('\n' + format_imported_text(imported))
   return 0
 
 
