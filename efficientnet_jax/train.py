@@ -94,11 +94,10 @@ def run(config, workdir: str, devices=None) -> RunResult:
   with _make_preparer(setup, config) as preparer, runtime.Preemption() as preemption:
     evaluator.compile_ahead(preparer)
     try:
+      loop = _Loop(setup, config, logger, checkpointer, evaluator, preemption, writer)
       for prepared in _prepared_stages(preparer, plan, step):
-        state, step, last_eval, preempted = _train_stage(
-            prepared, state, step, last_eval, setup=setup, config=config, logger=logger,
-            checkpointer=checkpointer, evaluator=evaluator, preemption=preemption,
-            writer=writer)
+        state, step, last_eval, preempted = _train_stage(loop, prepared, state, step,
+                                                         last_eval)
         if preempted:
           writer.close()
           return RunResult(step, True, last_eval)
@@ -256,16 +255,29 @@ def _prepared_stages(preparer: stage_prep.StagePreparer, plan, step: int):
     yield prepared
 
 
-def _train_stage(prepared, state, step: int, last_eval, *, setup: _Setup, config, logger,
-                 checkpointer, evaluator, preemption, writer):
+@dataclasses.dataclass
+class _Loop:
+  """The parts every stage's loop uses."""
+  setup: _Setup
+  config: object
+  logger: TrainLogger
+  checkpointer: _Checkpointer
+  evaluator: _Evaluator
+  preemption: runtime.Preemption
+  writer: MetricWriter
+
+
+def _train_stage(loop: _Loop, prepared, state, step: int, last_eval):
   """Trains one stage to its end; returns (state, step, last eval, preempted)."""
+  setup, config, logger = loop.setup, loop.config, loop.logger
+  checkpointer, evaluator = loop.checkpointer, loop.evaluator
   stage, plan = prepared.stage, setup.exp.plan
   batch_sharding = sharding.batch_sharding(setup.mesh)
   eval_every = (config.eval_every_steps if config.eval_every_steps > 0
                 else setup.exp.steps_per_epoch)
   batch, batches = prepared.first_batch, prepared.batches
   while step < stage.end_step:
-    if preemption.requested:
+    if loop.preemption.requested:
       checkpointer.save(step, state, force=True)
       checkpointing.wait(setup.manager)
       print(f'SIGTERM: saved step {step} and stopped', flush=True)
@@ -277,7 +289,7 @@ def _train_stage(prepared, state, step: int, last_eval, *, setup: _Setup, config
     if step == prepared.begin_step:
       # Wall time from the previous stage's last step to this stage's first
       # dispatch: pipeline hand-over plus any compile left to do.
-      writer.write(stage_prep.stage_start_record(
+      loop.writer.write(stage_prep.stage_start_record(
           prepared, plan=plan, stall_s=time.perf_counter() - prepared.stall_from,
           aot_compile=config.progressive.aot_compile))
     step += 1
