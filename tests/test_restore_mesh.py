@@ -1,6 +1,7 @@
 """Restore onto another device count and sharding: 8 (FSDP) -> 4 -> 1 devices, same params."""
 
 import jax
+import pytest
 
 from efficientnet_jax import state as state_lib
 from efficientnet_jax import train
@@ -13,6 +14,9 @@ def _state(config, workdir):
   return step, jax.device_get(state)
 
 
+# Slow (45 s): tests/test_mesh2d.py::test_restore_2d_onto_1d_and_back restores a
+# checkpoint onto another mesh and device count in the default suite.
+@pytest.mark.slow
 def test_restore_8_to_4_to_1_devices_continues_the_same_run(data_root, tmp_path):
   assert jax.device_count() == 8
   devices = jax.devices()

@@ -229,6 +229,9 @@ def test_evaluate_cli_reads_the_checkpoint_at_another_resolution(tmp_path):
       1, 40, 13, 13)
 
 
+# Slow (70 s in the suite): tests/test_fault_drill.py's SIGTERM case checks the same
+# (exit 0, one fresh checkpoint) through train.py with a closed stdout.
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
   import signal  # pylint: disable=g-import-not-at-top
   workdir = tmp_path / 'w'

@@ -11,7 +11,7 @@ from efficientnet_jax import predict
 from efficientnet_jax.model import architectures
 from efficientnet_jax.weights import load as weights_load
 from efficientnet_jax.weights import torch_format
-from tests.test_predict import CAT_CLASSES, ESPRESSO, photos  # noqa: F401  (a fixture)
+from tests.weights_helpers import CAT_CLASSES, ESPRESSO
 
 # name -> (state-dict entries, values in them), read from the packages' .pth files.
 STATE_DICTS = {'lite1': (386, 5_470_408), 'lite2': (386, 6_150_232)}
@@ -45,7 +45,7 @@ def test_real_weights_import_completely(lite):
   assert params == model_table.OFFICIAL_PARAMS[lite]
 
 
-def test_real_weights_classify_photos(lite, photos, capsys):  # noqa: F811
+def test_real_weights_classify_photos(lite, photos, capsys):
   status = predict.main([f'--weights={lite}', '--json', photos['chelsea'], photos['coffee']])
   captured = capsys.readouterr()
   assert status == 0, captured.err

@@ -16,6 +16,9 @@ from efficientnet_jax.model.architectures import ModelSpec
 RESOLUTION = 32  # five stride-2 stages: 32 -> 1
 BATCH = 2
 ATOL = 1e-4
+# ImageNet classes the real weights must give scikit-image's photos.
+CAT_CLASSES = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat
+ESPRESSO = 967
 
 
 def small_spec(name: str, depth: float) -> ModelSpec:
