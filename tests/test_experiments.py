@@ -245,6 +245,9 @@ def test_baselines_smoke(tmp_path, data_flags, all_points):
   assert all(r['model'].startswith('mobilenet_v2') for r in rows)
 
 
+# Slow (24 s): the harness it drives is covered by the grid smoke above, and
+# progressive training itself by tests/test_progressive.py.
+@pytest.mark.slow
 def test_progressive_smoke(tmp_path, data_flags):
   argv = ['--preset=smoke', f'--root={tmp_path}', *data_flags]
   assert progressive_study.main(argv) == 0

@@ -115,6 +115,9 @@ def test_two_step_run_checkpoints_and_resumes(tmp_path):
   assert step == 3
 
 
+# Slow (27 s): tests/test_fault_drill.py resumes a killed run and requires the same
+# final params; test_two_step_run_checkpoints_and_resumes covers the resume itself.
+@pytest.mark.slow
 def test_interrupted_run_ends_with_the_same_params(tmp_path):
   train.run(_smoke_config(train_steps=4), str(tmp_path / 'straight'))
   train.run(_smoke_config(train_steps=2), str(tmp_path / 'resumed'))
