@@ -122,12 +122,13 @@ def evaluate_batches(eval_fn, variables_by_name: dict, batches: Iterable[dict],
 
 def evaluate_split(eval_fn, variables_by_name: dict, exp: Experiment, config, mesh) -> dict:
   """Top-1/top-5/loss over the whole eval split for each variable set (EMA, raw)."""
+  prep = eval_presets.from_config(config, exp.spec, exp.eval_image_size)
   batches = data.make_eval_iterator(
-      exp.data, image_size=exp.eval_image_size,
+      exp.data, image_size=prep.image_size,
       batch_size=config.eval_batch_size // jax.process_count(),
-      normalization=exp.spec.normalization, crop_padding=config.data.crop_padding,
-      crop=config.data.crop, resize=config.data.resize,
-      process_index=jax.process_index(), process_count=jax.process_count())
+      normalization=prep.normalization, crop=prep.crop, crop_padding=prep.crop_padding,
+      resize=prep.resize, process_index=jax.process_index(),
+      process_count=jax.process_count())
   return evaluate_batches(eval_fn, variables_by_name, batches, mesh)
 
 

@@ -52,7 +52,6 @@ from efficientnet_jax.data import preprocessing
 from efficientnet_jax.data import sources
 from efficientnet_jax.data.sources import DataSpec
 
-PROCESS_SHARDINGS = options.PROCESS_SHARDINGS
 
 # Fraction of physical RAM tf.data autotuning may use for buffers.
 _RAM_BUDGET_FRACTION = 0.25
@@ -178,7 +177,7 @@ class TrainPreprocessing:
       back to when sampling fails.
     resize: 'bicubic_tf1' (official V1), 'bilinear_tf1' (official
       EfficientNet-Lite), 'bilinear' (official V2-S..XL) or 'bicubic' (TF2
-      half-pixel bicubic); see `preprocessing.RESIZE_METHODS`.
+      half-pixel bicubic); see `options.RESIZE_METHODS`.
     aug_pixel_constants: 'fixed' (official translate/cutout pixels at every
       size) or 'scaled' (scaled by size/224 below 224 px).
     posterize_quirk, contrast_quirk, solarize_quirk: the official ops' uint8
@@ -246,9 +245,9 @@ def make_train_iterator(spec: DataSpec, *, image_size: int, batch_size: int,
   if num_classes < len(source.class_names):
     raise ValueError(f'num_classes={num_classes} but dataset {spec.name!r} has '
                      f'{len(source.class_names)} classes.')
-  if process_sharding not in PROCESS_SHARDINGS:
+  if process_sharding not in options.PROCESS_SHARDINGS:
     raise ValueError(f'data.process_sharding={process_sharding!r}; accepted: '
-                     f'{", ".join(PROCESS_SHARDINGS)}')
+                     f'{", ".join(options.PROCESS_SHARDINGS)}')
   order = _ReadOrder(spec.train_split, batch_size, process_index, process_count,
                      by_batch=process_sharding == 'batch' and process_count > 1,
                      seed=seed, shuffle_buffer=shuffle_buffer)
@@ -359,7 +358,7 @@ def make_eval_iterator(spec: DataSpec, *, image_size: int, batch_size: int,
     process_count: number of processes.
     crop: 'v1' (centre crop at every size) or 'v2' (google/automl: centre
       crop below 320 px, the whole image squashed to the square from 320 px).
-    resize: one of `preprocessing.RESIZE_METHODS` (see make_train_iterator).
+    resize: one of `options.RESIZE_METHODS` (see make_train_iterator).
 
   Returns:
     Iterator of {'image': float32 [B, S, S, 3], 'label': int32 [B],

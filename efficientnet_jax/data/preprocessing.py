@@ -5,7 +5,7 @@ random choice is *stateless*: it is a pure function of an explicit `seed`
 (an int32/int64 tensor of shape [2]), so the same seed always gives the same
 crop and flip, whatever thread or process runs it.
 
-Two official crop recipes (`CROPS`):
+Two official crop recipes (`options.CROPS`):
 
 * 'v1': tensorflow/tpu `models/official/efficientnet/preprocessing.py`
   (commit 7dc921f), which google/automl `efficientnetv2/preprocess_legacy.py`
@@ -23,7 +23,7 @@ Two official crop recipes (`CROPS`):
   offsets (h − side) // 2; at 320 px and above no crop: the whole image is
   resized (squashed) to the square.
 
-Resizing (`RESIZE_METHODS`): 'bicubic_tf1' is TF1 `resize_bicubic`
+Resizing (`options.RESIZE_METHODS`): 'bicubic_tf1' is TF1 `resize_bicubic`
 (align_corners=False, half_pixel_centers=False, cubic coefficient −0.75), the
 V1 and legacy V2 default; 'bilinear_tf1' is TF1 `tf.image.resize(...,
 BILINEAR)` (no half-pixel centres), what tensorflow/tpu `main.py` passes for
@@ -44,10 +44,6 @@ import tensorflow as tf
 
 from efficientnet_jax.data import options
 
-NORMALIZATIONS = tuple(options.NORMALIZATIONS)
-RESIZE_METHODS = options.RESIZE_METHODS
-CROPS = options.CROPS
-V2_EVAL_CROP_BELOW = options.V2_EVAL_CROP_BELOW
 
 
 def check_choice(field: str, value: str, accepted: Sequence[str]) -> str:
@@ -65,7 +61,7 @@ def check_normalization(normalization: str) -> str:
   """
   if normalization not in options.NORMALIZATIONS:
     raise ValueError(f'Unknown normalization {normalization!r}; expected one of '
-                     f'{NORMALIZATIONS}.')
+                     f'{tuple(options.NORMALIZATIONS)}.')
   return normalization
 
 
@@ -107,13 +103,13 @@ def resize_image(image: tf.Tensor, image_size: int,
   Args:
     image: uint8 or float image in 0..255.
     image_size: output side.
-    method: one of `RESIZE_METHODS` (module docstring).
+    method: one of `options.RESIZE_METHODS` (module docstring).
 
   Raises:
     ValueError: unknown method.
   """
   size = [image_size, image_size]
-  if check_choice('resize', method, RESIZE_METHODS) == 'bicubic_tf1':
+  if check_choice('resize', method, options.RESIZE_METHODS) == 'bicubic_tf1':
     # The official V1 `_resize_image` default, `tf.image.resize_bicubic` in
     # `tensorflow.compat.v1`, on the uint8 crop.
     out = tf.compat.v1.image.resize_bicubic(
@@ -142,8 +138,8 @@ def center_crop_window(height: tf.Tensor, width: tf.Tensor, image_size: int,
   """
   height = tf.cast(height, tf.int32)
   width = tf.cast(width, tf.int32)
-  v2 = check_choice('crop', crop, CROPS) == 'v2'
-  if v2 and image_size >= V2_EVAL_CROP_BELOW:
+  v2 = check_choice('crop', crop, options.CROPS) == 'v2'
+  if v2 and image_size >= options.V2_EVAL_CROP_BELOW:
     return tf.stack([0, 0, height, width])
   fraction = image_size / (image_size + crop_padding)
   side = tf.cast(fraction * tf.cast(tf.minimum(height, width), tf.float32),
@@ -173,7 +169,7 @@ def inception_crop_window(height: tf.Tensor, width: tf.Tensor, seed: tf.Tensor,
 def _train_window(height, width, seed, image_size, crop_padding, area_range,
                   crop) -> tuple[tf.Tensor, tf.Tensor]:
   """(`inception_crop_window`, whether it is the 'v1' fallback)."""
-  params = options.TRAIN_CROPS[check_choice('crop', crop, CROPS)]
+  params = options.TRAIN_CROPS[check_choice('crop', crop, options.CROPS)]
   height = tf.cast(height, tf.int32)
   width = tf.cast(width, tf.int32)
   boxes = (tf.constant([[[0.0, 0.0, 1.0, 1.0]]]) if params['whole_image_box']
@@ -229,7 +225,7 @@ def inception_crop(image: tf.Tensor, seed: tf.Tensor, image_size: int, *,
     image_size: output side.
     crop_padding: centre-crop padding used by the 'v1' fallback.
     crop: 'v1' or 'v2' (module docstring).
-    resize: one of `RESIZE_METHODS`.
+    resize: one of `options.RESIZE_METHODS`.
 
   Returns:
     float32 [image_size, image_size, 3].
@@ -255,7 +251,7 @@ def eval_image(image, image_size: int, *, crop: str = 'v1',
     crop: 'v1' (tensorflow/tpu efficientnet) or 'v2' (google/automl V2-S..XL,
       no crop at ≥ 320 px).
     crop_padding: the crop keeps size/(size+crop_padding) of the short side.
-    resize: one of `RESIZE_METHODS`.
+    resize: one of `options.RESIZE_METHODS`.
 
   Returns:
     float32 [image_size, image_size, 3] in 0..255 (un-normalised; bicubic

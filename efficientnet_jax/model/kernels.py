@@ -53,11 +53,11 @@ def pixel_matmul(x, w):
   return jnp.dot(x, w)
 
 
-def pixel_matmul_fwd(x, w):
+def _pixel_matmul_fwd(x, w):
   return jnp.dot(x, w), (x, w)
 
 
-def pixel_matmul_bwd(residuals, g):
+def _pixel_matmul_bwd(residuals, g):
   x, w = residuals
   # The barrier stops XLA fusing the BN/activation backward that produced g into
   # the transposed copy the weight-gradient dot wants: that fused loop walks g
@@ -68,7 +68,7 @@ def pixel_matmul_bwd(residuals, g):
   return jnp.dot(g, w.T).astype(x.dtype), dw
 
 
-pixel_matmul.defvjp(pixel_matmul_fwd, pixel_matmul_bwd)
+pixel_matmul.defvjp(_pixel_matmul_fwd, _pixel_matmul_bwd)
 
 
 # MatmulConv gathers the k*k taps of a KxK conv into channels (im2col) only
@@ -236,10 +236,10 @@ def bn_forward(x, scale, bias, mean, var, epsilon, dtype):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
 def bn_act_train(x, scale, bias, epsilon: float, act: str | None, dtype):
   """Training-mode BN with batch statistics, then `act`: (out, batch mean, batch var)."""
-  return bn_act_train_fwd(x, scale, bias, epsilon, act, dtype)[0]
+  return _bn_act_train_fwd(x, scale, bias, epsilon, act, dtype)[0]
 
 
-def bn_act_train_fwd(x, scale, bias, epsilon, act, dtype):
+def _bn_act_train_fwd(x, scale, bias, epsilon, act, dtype):
   axes = tuple(range(x.ndim - 1))
   x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
   mean, var = batch_stats(x32, axes)
@@ -249,7 +249,7 @@ def bn_act_train_fwd(x, scale, bias, epsilon, act, dtype):
   return (out, mean, var), (x, scale, bias, mean, var)
 
 
-def bn_act_train_bwd(epsilon, act, dtype, residuals, cotangents):
+def _bn_act_train_bwd(epsilon, act, dtype, residuals, cotangents):
   x, scale, bias, mean, var = residuals
   g, g_mean, g_var = cotangents
   axes = tuple(range(x.ndim - 1))
@@ -277,7 +277,7 @@ def bn_act_train_bwd(epsilon, act, dtype, residuals, cotangents):
   return dx.astype(x.dtype), d_scale.astype(scale.dtype), d_bias.astype(bias.dtype)
 
 
-bn_act_train.defvjp(bn_act_train_fwd, bn_act_train_bwd)
+bn_act_train.defvjp(_bn_act_train_fwd, _bn_act_train_bwd)
 
 
 # Grouped batch statistics, as the official TPU training computes them:
@@ -292,7 +292,7 @@ bn_act_train.defvjp(bn_act_train_fwd, bn_act_train_bwd)
 # group's rows and avg_r (v_r + m_r^2) their mean square: the formula is
 # `batch_stats` (flax's fast variance) over the group's rows, which is what we
 # compute. The one difference is flax's clip of a round-off-negative variance
-# at 0, kept so that one group equals today's global statistics exactly.
+# at 0, kept so that a single group equals the global statistics exactly.
 
 
 def split_groups(x, groups: int):
