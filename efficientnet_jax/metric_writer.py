@@ -34,17 +34,24 @@ class MetricWriter:
       self._tb = None
 
   def write(self, record: dict) -> None:
-    """record: {'step': int, 'split': 'train'|'eval', ...scalars} or an event record."""
+    """record: {'step': int, 'split': 'train'|'eval', ...scalars} or an event record.
+
+    Eval records get `time` (unix seconds when written), so the wall time to an
+    accuracy can be read back (experiments/harness.py's eval_curve).
+    """
     if not self.enabled:
       return
     clean = {k: (float(v) if hasattr(v, 'dtype') or isinstance(v, float) else v)
              for k, v in record.items()}
+    if clean.get('split') == 'eval':
+      clean.setdefault('time', round(time.time(), 3))
     self._jsonl.write(json.dumps(clean) + '\n')
     self._jsonl.flush()
     if self._tb is not None and 'split' in clean:
       with self._tb.as_default(step=int(clean['step'])):
         for k, v in clean.items():
-          if k not in ('step', 'split') and isinstance(v, (int, float)) and math.isfinite(v):
+          if (k not in ('step', 'split', 'time') and isinstance(v, (int, float))
+              and math.isfinite(v)):
             self._tf.summary.scalar(f'{clean["split"]}/{k}', v)
       self._tb.flush()
 

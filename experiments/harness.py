@@ -1,22 +1,27 @@
-"""Runs a study's list of named points, each in its own workdir, and tabulates the results.
+"""Runs a study's named points, each with N seeds in its own workdir, and tabulates the results.
 
 A `Point` is a name plus dotted config overrides on top of the study's base
-config. `run_study` trains every point with `efficientnet_jax.train.run` in
-`<root>/<study>/<point>/`, skipping points that finished (their `result.json`,
-written after the final eval, is present) and resuming unfinished ones from
-their checkpoints. `--shard=i/n` runs the points whose index % n == i, so n
-cluster jobs share a study; every job then rebuilds the outputs from all
-finished workdirs: `results.csv`, `results.md` and the study's PNG plots.
+config; a study runs every point with seeds 0..N-1 (`--seeds`, default the
+preset's), because one seed of a short run cannot tell its noise from an
+effect. `run_study` trains each (point, seed) with `efficientnet_jax.train.run`
+in `<root>/<study>/<point>/seed<k>/` (config.seed = k), skipping runs that
+finished (their `result.json`, written after the final eval, is present) and
+resuming unfinished ones from their checkpoints. `--shard=i/n` runs the
+(point, seed) pairs whose index % n == i in the point-major list, so n
+cluster jobs share a study evenly; every job then rebuilds the outputs from
+all finished workdirs: `results.csv` (one row per run), `results.md` (one row
+per point: mean, std and 95 % interval over the seeds, then the study's
+verdicts, paired by seed; `experiments/stats.py`) and the PNG plots.
 
-Points run in-process, one after the other: that saves the 10-20 s of JAX/TF
-start-up per point that child processes would cost, keeps the small eager
-programs (checkpoint slicing, RNG set-up) compiled across points, and lets
-points with the same shapes share compiled programs through one persistent
-compilation cache per study (`<root>/<study>/compile_cache`). Each point's
-train/eval steps are new `jax.jit` objects over its own model; what JAX keeps
-of them between points is its bounded executable caches (the progress line
-prints the process RSS so growth would show). `jax.clear_caches()` between
-points was tried and dropped: it made every checkpoint save recompile hundreds
+Runs go in-process, one after the other: that saves the 10-20 s of JAX/TF
+start-up per run that child processes would cost, keeps the small eager
+programs (checkpoint slicing, RNG set-up) compiled across runs, and lets runs
+with the same shapes (every seed of a point) share compiled programs through
+one persistent compilation cache per study (`<root>/<study>/compile_cache`).
+Each run's train/eval steps are new `jax.jit` objects over its own model; what
+JAX keeps of them between runs is its bounded executable caches (the progress
+line prints the process RSS so growth would show). `jax.clear_caches()` between
+runs was tried and dropped: it made every checkpoint save recompile hundreds
 of per-array slice programs (20-30 s per point on this 2-core machine).
 """
 
@@ -36,24 +41,27 @@ from typing import Any, Callable, Mapping, Sequence
 
 from efficientnet_jax import experiment
 from efficientnet_jax import cpu_tuning
+from experiments import stats
 
-RESULT_FILE = 'result.json'  # written once a point's final eval is done
+RESULT_FILE = 'result.json'  # written once a run's final eval is done
 SEGMENTS_FILE = 'harness.jsonl'  # one record per training invocation (wall time)
 BASE_COLUMNS = ('point', 'model', 'width', 'depth', 'resolution', 'params', 'macs',
                 'steps', 'top1', 'raw_top1', 'top5', 'train_wall_s')
+METRIC_LABELS = {'top1': 'EMA top-1', 'raw_top1': 'raw top-1', 'top5': 'EMA top-5'}
 
 
 class Preempted(Exception):
-  """A point stopped on SIGTERM after saving a checkpoint."""
+  """A run stopped on SIGTERM after saving a checkpoint."""
 
 
 @dataclasses.dataclass(frozen=True)
 class Point:
-  """One training run of a study.
+  """One configuration of a study, trained once per seed.
 
   Attributes:
     name: the workdir name (letters, digits, '_', '-', '.', '=').
-    overrides: dotted config fields -> values, e.g. {'model.width': 0.5}.
+    overrides: dotted config fields -> values, e.g. {'model.width': 0.5}; never
+      'seed' (the seeds are the study's).
     info: extra columns for the results table and plots (family, budget, ...).
   """
   name: str
@@ -61,18 +69,43 @@ class Point:
   info: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
+@dataclasses.dataclass(frozen=True)
+class Metric:
+  """A per-run number derived from its results row, summarised and compared like top-1.
+
+  Attributes:
+    key: its results.csv column.
+    label: text for the heading and verdicts ('wall time to EMA top-1 >= 85 %').
+    value: row -> the number, or None where the run has none (target not reached).
+    unit, digits: how differences are written ('s', 1 -> '+12.3 s').
+    lower_is_better: which sign of a difference names the first point the winner.
+  """
+  key: str
+  label: str
+  value: Callable[[dict], float | None]
+  unit: str = 's'
+  digits: int = 1
+  lower_is_better: bool = False
+
+
 @dataclasses.dataclass
 class Study:
-  """A named list of points over one base config, and how to plot their results.
+  """A named list of points over one base config, its seeds, comparisons and plots.
 
   Attributes:
     name: the study directory under the root.
     base_config: returns a fresh base config (configs/base.py-like ConfigDict).
-    points: the runs, in order.
-    info_columns: `Point.info` keys shown in the table (in this order).
+    points: the configurations, in order.
+    info_columns: `Point.info` keys shown in the tables (in this order).
     plot_fn: (rows, study_dir) -> paths of the PNGs it wrote; rows are those
-      of finished points, as in results.csv.
+      of finished runs, one per (point, seed), as in results.csv.
     title: heading of results.md.
+    seeds: each point trains with config.seed = 0..seeds-1.
+    metric: the plots' and verdicts' accuracy, 'top1' (EMA) or 'raw_top1'.
+    comparisons: (point_a, point_b) pairs; results.md states a - b with its
+      95 % interval, paired by seed, for `metric` and each extra metric.
+    extra_metrics: per-run numbers beyond accuracy (the progressive study's
+      wall time to a target), tabulated and compared the same way.
   """
   name: str
   base_config: Callable[[], Any]
@@ -80,16 +113,28 @@ class Study:
   info_columns: tuple[str, ...] = ()
   plot_fn: Callable[[list[dict], str], list[str]] | None = None
   title: str = ''
+  seeds: int = 1
+  metric: str = 'top1'
+  comparisons: Sequence[tuple[str, str]] = ()
+  extra_metrics: tuple[Metric, ...] = ()
 
   def __post_init__(self):
     names = [p.name for p in self.points]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
       raise ValueError(f'study {self.name!r}: duplicate point names {dupes}')
-    for name in names:
-      if not name or not all(c.isalnum() or c in '_-.=' for c in name):
-        raise ValueError(f'study {self.name!r}: point name {name!r} must be non-empty '
+    for point in self.points:
+      if not point.name or not all(c.isalnum() or c in '_-.=' for c in point.name):
+        raise ValueError(f'study {self.name!r}: point name {point.name!r} must be non-empty '
                          "letters, digits, '_', '-', '.', '='")
+      if 'seed' in point.overrides:
+        raise ValueError(f'study {self.name!r}: point {point.name!r} sets seed; the seeds '
+                         'are the study\'s (--seeds)')
+    if self.seeds < 1:
+      raise ValueError(f'study {self.name!r}: seeds={self.seeds}; expected >= 1')
+    unknown = sorted({n for pair in self.comparisons for n in pair} - set(names))
+    if unknown:
+      raise ValueError(f'study {self.name!r}: comparisons name unknown points {unknown}')
 
 
 # --------------------------------------------------------------------------
@@ -111,13 +156,22 @@ def parse_set_flag(items: Sequence[str]) -> dict:
   return out
 
 
-def point_config(study: Study, point: Point, extra: Mapping[str, Any] | None = None):
-  """The base config with the point's overrides, then `extra` (e.g. data paths) on top."""
+def check_extra(extra: Mapping[str, Any] | None) -> None:
+  """--set overrides every run alike; the seed is per run, so it is refused there."""
+  if extra and 'seed' in extra:
+    raise ValueError('--set=seed: the seed is set per run by --seeds=N (seeds 0..N-1, one '
+                     'workdir each); drop --set=seed')
+
+
+def point_config(study: Study, point: Point, extra: Mapping[str, Any] | None = None,
+                 seed: int = 0):
+  """The base config with the point's overrides and `seed`, then `extra` (e.g. data paths)."""
+  check_extra(extra)
   config = study.base_config()
   # Imported here: config_checks pulls in TensorFlow (the augmentation names),
   # which --list and --collect_only never need.
   from efficientnet_jax import config_lib  # pylint: disable=g-import-not-at-top
-  config_lib.set_fields(config, point.overrides)
+  config_lib.set_fields(config, {**point.overrides, 'seed': int(seed)})
   if extra:
     config_lib.set_fields(config, extra)
   return config
@@ -143,6 +197,11 @@ def model_counts(config) -> dict:
 
 # --------------------------------------------------------------------------
 # Running.
+
+
+def run_dir(study_dir: str, point_name: str, seed: int) -> str:
+  """The workdir of one (point, seed): <root>/<study>/<point>/seed<k>."""
+  return os.path.join(study_dir, point_name, f'seed{seed}')
 
 
 def read_jsonl(path: str) -> list[dict]:
@@ -171,53 +230,114 @@ def _jsonable(overrides: Mapping[str, Any]) -> dict:
   return json.loads(json.dumps(dict(overrides), default=str))
 
 
-def run_point(study: Study, point: Point, workdir: str,
+def _elapsed_at(when: float | None, segments: list[dict]) -> float | None:
+  """Training wall time at unix time `when`: earlier invocations' walls plus this one's part.
+
+  None where `when` is unknown or outside every recorded invocation (one killed
+  before the harness could record it, whose time train_wall_s lacks as well).
+  The end (start + perf-counter wall) gets a second of slack for the unix
+  clock's drift against the perf counter.
+  """
+  before = 0.0
+  for seg in segments:
+    start = seg.get('start', seg['time'] - seg['wall_s'])
+    if when is not None and start <= when <= seg['time'] + 1.0:
+      return round(before + min(when - start, seg['wall_s']), 2)
+    before += seg['wall_s']
+  return None
+
+
+def eval_curve(workdir: str) -> list[dict]:
+  """Every eval of a run (step, epoch, EMA and raw top-1) with the training wall time at it.
+
+  The time is train.run's wall clock from the invocation's start (compiling,
+  data set-up and earlier evals included) to the eval record's `time` stamp,
+  summed over resumed invocations. A step evaluated twice (a run stopped
+  between its eval and checkpoint) keeps its last record.
+  """
+  segments = read_jsonl(os.path.join(workdir, SEGMENTS_FILE))
+  by_step = {}
+  for r in read_jsonl(os.path.join(workdir, 'metrics.jsonl')):
+    if r.get('split') == 'eval':
+      by_step[int(r['step'])] = {'step': int(r['step']), 'epoch': r.get('epoch'),
+                                 'top1': r['top1'], 'raw_top1': r.get('raw_top1'),
+                                 'wall_s': _elapsed_at(r.get('time'), segments)}
+  return [by_step[s] for s in sorted(by_step)]
+
+
+def time_to_target(evals: Sequence[dict], target: float, key: str = 'top1') -> float | None:
+  """Wall time of the first eval whose `key` reaches `target`; None if none does (or untimed)."""
+  for r in evals:
+    if r.get(key) is not None and r[key] >= target:
+      return r.get('wall_s')
+  return None
+
+
+def run_point(study: Study, point: Point, seed: int, workdir: str,
               extra: Mapping[str, Any] | None = None, num_devices: int = 0) -> dict:
-  """Trains (or resumes) one point to the end; writes and returns its result record.
+  """Trains (or resumes) one (point, seed) to the end; writes and returns its result record.
 
   num_devices > 0 trains on the first that many devices (quick CPU checks).
   """
   import jax  # pylint: disable=g-import-not-at-top
   from efficientnet_jax import train  # pylint: disable=g-import-not-at-top
-  config = point_config(study, point, extra)
+  config = point_config(study, point, extra, seed)
   if not config.compilation_cache_dir and not jax.config.jax_compilation_cache_dir:
-    # One cache per study (unless JAX already has one): points with the same
-    # shapes compile once, and a resumed point skips compiling.
-    config.compilation_cache_dir = os.path.join(os.path.dirname(workdir), 'compile_cache')
+    # One cache per study (unless JAX already has one): every seed of a point,
+    # and points with the same shapes, compile once; a resumed run skips compiling.
+    study_dir = os.path.dirname(os.path.dirname(workdir))  # <study>/<point>/seed<k>
+    config.compilation_cache_dir = os.path.join(study_dir, 'compile_cache')
   os.makedirs(workdir, exist_ok=True)
-  start = time.perf_counter()
+  began, start = time.time(), time.perf_counter()
   devices = jax.devices()[:num_devices] if num_devices > 0 else None
   outcome = train.run(config, workdir, devices=devices)
   wall = time.perf_counter() - start
   with open(os.path.join(workdir, SEGMENTS_FILE), 'a', encoding='utf-8') as f:
-    f.write(json.dumps({'wall_s': wall, 'time': time.time(),
+    f.write(json.dumps({'wall_s': wall, 'start': began, 'time': began + wall,
                         'preempted': outcome.preempted}) + '\n')
   if outcome.preempted:
-    raise Preempted(f'{point.name}: SIGTERM, saved step {outcome.step}; '
+    raise Preempted(f'{point.name}/seed{seed}: SIGTERM, saved step {outcome.step}; '
                     'run the same command again to resume')
   final = outcome.eval
   segments = read_jsonl(os.path.join(workdir, SEGMENTS_FILE))
-  result = {'point': point.name, 'overrides': _jsonable(point.overrides),
+  result = {'point': point.name, 'seed': int(seed), 'overrides': _jsonable(point.overrides),
             'info': _jsonable(point.info), 'steps': int(final['step']),
             'top1': final['top1'], 'raw_top1': final['raw_top1'], 'top5': final['top5'],
             'eval_count': final['count'],
             'train_wall_s': round(sum(s['wall_s'] for s in segments), 2),
-            **model_counts(config)}
+            'evals': eval_curve(workdir), **model_counts(config)}
   _write_json(os.path.join(workdir, RESULT_FILE), result)
   return result
 
 
-def check_result_matches(point: Point, result: dict, workdir: str) -> None:
-  """A finished workdir of a point whose overrides changed since is an error, not a skip."""
+def check_result_matches(point: Point, seed: int, result: dict, workdir: str) -> None:
+  """A finished run whose point's overrides changed since (or another seed's) is an error."""
   want = _jsonable(point.overrides)
   if result.get('overrides') != want:
     raise ValueError(f'{workdir} finished with overrides {result.get("overrides")}, but point '
                      f'{point.name!r} now has {want}; delete the workdir or rename the point')
+  if result.get('seed', seed) != seed:
+    raise ValueError(f'{workdir} finished with seed {result["seed"]}, not {seed}; '
+                     'a workdir copied from another seed? delete it')
 
 
-def select_points(points: Sequence[Point], *, shard: tuple[int, int] = (0, 1),
-                  names: Sequence[str] = ()) -> list[Point]:
-  """The points of shard i of n (index % n == i), restricted to `names` if given."""
+def check_layout(study: Study, study_dir: str) -> None:
+  """Refuses point workdirs from before seeds (one run per point in <point>/ itself)."""
+  for point in study.points:
+    old = os.path.join(study_dir, point.name)
+    if any(os.path.exists(os.path.join(old, n)) for n in (RESULT_FILE, 'checkpoints')):
+      raise ValueError(f'{old} is a workdir from before seeds (one run per point); runs now go '
+                       f'to {old}/seed<k>/: move its files into {old}/seed0/ (it trained '
+                       'with seed 0 unless --set=seed said otherwise) or delete it')
+
+
+def select_runs(points: Sequence[Point], seeds: int, *, shard: tuple[int, int] = (0, 1),
+                names: Sequence[str] = ()) -> list[tuple[Point, int]]:
+  """The (point, seed) pairs of shard i of n, restricted to the points `names` if given.
+
+  The pairs are numbered point-major (p0/seed0, p0/seed1, ..., p1/seed0, ...)
+  and shard i gets those whose number % n == i, whatever `names` selects.
+  """
   index, count = shard
   if count < 1 or not 0 <= index < count:
     raise ValueError(f'shard={index}/{count}: expected i/n with 0 <= i < n')
@@ -225,35 +345,48 @@ def select_points(points: Sequence[Point], *, shard: tuple[int, int] = (0, 1),
   unknown = [n for n in names if n not in known]
   if unknown:
     raise ValueError(f'--points: unknown {unknown}; this study has {sorted(known)}')
-  return [p for i, p in enumerate(points)
+  runs = [(p, k) for p in points for k in range(seeds)]
+  return [(p, k) for i, (p, k) in enumerate(runs)
           if i % count == index and (not names or p.name in names)]
+
+
+def _run_one(study: Study, study_dir: str, point: Point, seed: int, prefix: str,
+             run_args: dict, log) -> dict | None:
+  """Skips (None), resumes or trains one (point, seed); returns a fresh result."""
+  workdir = run_dir(study_dir, point.name, seed)
+  result = read_result(workdir)
+  if result is not None:
+    check_result_matches(point, seed, result, workdir)
+    log(f'{prefix}: finished before (top1 {result["top1"]:.4f}), skipped')
+    return None
+  resumed = os.path.isdir(os.path.join(workdir, 'checkpoints'))
+  log(f'{prefix}: {"resuming" if resumed else "training"} in {workdir}')
+  return run_point(study, point, seed, workdir, **run_args)
 
 
 def run_study(study: Study, root: str, *, shard: tuple[int, int] = (0, 1),
               names: Sequence[str] = (), collect_only: bool = False,
               extra: Mapping[str, Any] | None = None, num_devices: int = 0,
               log=None) -> list[dict]:
-  """Runs the selected points (unless collect_only), then writes the study's outputs.
+  """Runs the selected (point, seed) pairs (unless collect_only), then writes the outputs.
 
-  Returns the rows of all finished points (not only this shard's).
+  Returns the rows of all finished runs (not only this shard's).
   """
   log = log or functools.partial(print, flush=True)  # interleaves with train.run's lines
+  check_extra(extra)
   study_dir = os.path.join(root, study.name)
+  check_layout(study, study_dir)
   os.makedirs(study_dir, exist_ok=True)
-  todo = [] if collect_only else select_points(study.points, shard=shard, names=names)
+  todo = ([] if collect_only
+          else select_runs(study.points, study.seeds, shard=shard, names=names))
   began = time.perf_counter()
   trained = 0
-  for i, point in enumerate(todo):
-    workdir = os.path.join(study_dir, point.name)
-    prefix = f'[{study.name} {i + 1}/{len(todo)}] {point.name}'
-    result = read_result(workdir)
-    if result is not None:
-      check_result_matches(point, result, workdir)
-      log(f'{prefix}: finished before (top1 {result["top1"]:.4f}), skipped')
+  run_args = {'extra': extra, 'num_devices': num_devices}
+  for i, (point, seed) in enumerate(todo):
+    prefix = f'[{study.name} {i + 1}/{len(todo)}] {point.name}/seed{seed}'
+    result = _run_one(study, study_dir, point, seed, prefix, run_args, log)
+    if result is None:
       continue
-    resumed = os.path.isdir(os.path.join(workdir, 'checkpoints'))
-    log(f'{prefix}: {"resuming" if resumed else "training"} in {workdir}')
-    result = run_point(study, point, workdir, extra, num_devices)
     trained += 1
     elapsed = time.perf_counter() - began
     left = len(todo) - i - 1
@@ -261,7 +394,8 @@ def run_study(study: Study, root: str, *, shard: tuple[int, int] = (0, 1),
         f'{result["macs"] / 1e6:.2f} M MACs, {result["train_wall_s"]:.0f} s; '
         f'{left} left, about {elapsed / trained * left / 60:.1f} min; rss {_rss_gb():.2f} GB')
   rows = collect(study, root)
-  log(f'[{study.name}] {len(rows)}/{len(study.points)} points finished; outputs in {study_dir}')
+  log(f'[{study.name}] {len(rows)}/{len(study.points) * study.seeds} runs '
+      f'({len(study.points)} points × {study.seeds} seeds) finished; outputs in {study_dir}')
   return rows
 
 
@@ -279,20 +413,29 @@ def _rss_gb() -> float:
 
 
 def result_rows(study: Study, root: str) -> list[dict]:
-  """One flat row per finished point, in the study's point order."""
+  """One flat row per finished (point, seed) in seeds 0..study.seeds-1, point-major.
+
+  Beside the results.csv columns a row holds `evals` (the run's eval curve,
+  `eval_curve`) and the study's extra metrics.
+  """
   rows = []
   for point in study.points:
-    result = read_result(os.path.join(root, study.name, point.name))
-    if result is None:
-      continue
-    row = {'point': point.name, **dict(point.info)}
-    row.update({k: result[k] for k in BASE_COLUMNS if k in result and k != 'point'})
-    rows.append(row)
+    for seed in range(study.seeds):
+      result = read_result(run_dir(os.path.join(root, study.name), point.name, seed))
+      if result is None:
+        continue
+      row = {'point': point.name, 'seed': seed, **dict(point.info)}
+      row.update({k: result[k] for k in BASE_COLUMNS if k in result and k != 'point'})
+      row['evals'] = result.get('evals', [])
+      for metric in study.extra_metrics:
+        row[metric.key] = metric.value(row)
+      rows.append(row)
   return rows
 
 
 def columns(study: Study) -> list[str]:
-  return ['point', *study.info_columns, *BASE_COLUMNS[1:]]
+  return ['point', 'seed', *study.info_columns, *BASE_COLUMNS[1:],
+          *(m.key for m in study.extra_metrics)]
 
 
 def _fmt(key: str, value) -> str:
@@ -318,15 +461,90 @@ def write_csv(rows: list[dict], cols: Sequence[str], path: str) -> None:
   os.replace(tmp, path)
 
 
-def markdown_table(rows: list[dict], cols: Sequence[str]) -> str:
-  """Top-1 columns in %, MACs in millions; one row per finished point."""
-  names = {'top1': 'top-1 EMA %', 'raw_top1': 'top-1 raw %', 'top5': 'top-5 EMA %',
-           'macs': 'MACs', 'train_wall_s': 'train s'}
-  lines = ['| ' + ' | '.join(names.get(c, c) for c in cols) + ' |',
-           '|' + '|'.join('---' for _ in cols) + '|']
-  for row in rows:
-    lines.append('| ' + ' | '.join(_fmt(c, row.get(c)) for c in cols) + ' |')
-  return '\n'.join(lines)
+def _table(header: Sequence[str], body: list[list[str]]) -> str:
+  lines = ['| ' + ' | '.join(header) + ' |', '|' + '|'.join('---' for _ in header) + '|']
+  return '\n'.join(lines + ['| ' + ' | '.join(cells) + ' |' for cells in body])
+
+
+def _accuracy_keys(study: Study) -> tuple[str, ...]:
+  return ('top1',) if study.metric == 'top1' else ('top1', study.metric)
+
+
+def _summary_cells(summary: stats.Summary | None, scale: float, digits: int) -> list[str]:
+  """mean, std, 95 % CI; '—' where n = 1 (std, CI) or nothing was measured."""
+  if summary is None:
+    return ['—', '—', '—']
+  std = '—' if summary.std is None else f'{summary.std * scale:.{digits}f}'
+  return [f'{summary.mean * scale:.{digits}f}', std, stats.format_ci(summary, digits, scale)]
+
+
+def summary_table(study: Study, rows: list[dict]) -> str:
+  """One row per point with a finished run: n, and mean / std / 95 % CI of its top-1s."""
+  keys = _accuracy_keys(study)
+  header = ['point', *study.info_columns, 'params', 'MACs', 'steps', 'n']
+  for key in keys:
+    short = METRIC_LABELS.get(key, key).split()[0]  # 'EMA', 'raw'
+    header += [f'top-1 {short} %', f'{short} std', f'{short} 95 % CI']
+  header.append('train s (mean)')
+  body = []
+  for point in study.points:
+    runs = [r for r in rows if r['point'] == point.name]
+    if not runs:
+      continue
+    cells = [_fmt(c, runs[0].get(c)) for c in ('point', *study.info_columns, 'params',
+                                                 'macs', 'steps')] + [str(len(runs))]
+    for key in keys:
+      cells += _summary_cells(stats.mean_ci([r[key] for r in runs]), 100, 2)
+    walls = [float(r['train_wall_s']) for r in runs]
+    body.append(cells + [f'{sum(walls) / len(walls):.0f}'])
+  return _table(header, body)
+
+
+def metric_table(study: Study, metric: Metric, rows: list[dict]) -> str:
+  """An extra metric per point: how many runs have it, and its mean / std / 95 % CI."""
+  body = []
+  for point in study.points:
+    runs = [r for r in rows if r['point'] == point.name]
+    if not runs:
+      continue
+    values = [r[metric.key] for r in runs if r.get(metric.key) is not None]
+    summary = stats.mean_ci(values) if values else None
+    body.append([point.name, f'{len(values)} of {len(runs)}',
+                 *_summary_cells(summary, 1.0, metric.digits)])
+  return _table(['point', 'runs with a value', f'mean ({metric.unit})', 'std', '95 % CI'], body)
+
+
+def _by_seed(rows: list[dict], point: str, value: Callable[[dict], float | None]) -> dict:
+  out = {}
+  for r in rows:
+    if r['point'] == point and value(r) is not None:
+      out[r['seed']] = value(r)
+  return out
+
+
+def study_verdicts(study: Study, rows: list[dict]) -> list[str]:
+  """A sentence per comparison and metric: a − b, its 95 % CI paired by seed, the verdict.
+
+  Accuracy first (the study's `metric`, in points of %), then each extra metric.
+  """
+  label = METRIC_LABELS.get(study.metric, study.metric)
+  lines = []
+
+  def top1(r):  # points of %
+    return 100 * r[study.metric]
+
+  for a, b in study.comparisons:
+    diff = stats.paired_difference(_by_seed(rows, a, top1), _by_seed(rows, b, top1))
+    lines.append(stats.verdict_line(a, b, diff, label))
+  for metric in study.extra_metrics:
+    for a, b in study.comparisons:
+      def value(r, key=metric.key):
+        return r.get(key)
+      diff = stats.paired_difference(_by_seed(rows, a, value), _by_seed(rows, b, value))
+      lines.append(stats.verdict_line(a, b, diff, metric.label, unit=metric.unit,
+                                      digits=metric.digits,
+                                      lower_is_better=metric.lower_is_better))
+  return lines
 
 
 def host_description() -> str:
@@ -339,8 +557,8 @@ def provenance(rows: list[dict]) -> str:
   """Where and when the table was made, and the training time it sums."""
   total = sum(float(r.get('train_wall_s') or 0.0) for r in rows)
   return (f'Generated {time.strftime("%Y-%m-%d %H:%M %Z")} on {host_description()}. '
-          f'Training wall time of the {len(rows)} finished points: {total / 60:.1f} min '
-          f'(the `train s` column: `train.run` wall time, compiling and the final eval included).')
+          f'Training wall time of the {len(rows)} finished runs: {total / 60:.1f} min '
+          f'(`train s`: `train.run` wall time of a run, compiling and the final eval included).')
 
 
 def publish(study_dir: str, dest: str) -> list[str]:
@@ -348,32 +566,70 @@ def publish(study_dir: str, dest: str) -> list[str]:
   names = sorted(n for n in os.listdir(study_dir)
                  if n in ('results.md', 'results.csv') or n.endswith('.png'))
   if 'results.md' not in names:
-    raise ValueError(f'--publish: {study_dir} has no results.md yet (no finished point)')
+    raise ValueError(f'--publish: {study_dir} has no results.md yet (no finished run)')
   os.makedirs(dest, exist_ok=True)
   for name in names:
     shutil.copyfile(os.path.join(study_dir, name), os.path.join(dest, name))
   return names
 
 
+def _progress_line(study: Study, rows: list[dict]) -> str:
+  """'4 of 6 runs finished: 2 points × 3 seeds (config.seed 0-2); missing: b (seeds 1, 2).'"""
+  missing = []
+  for point in study.points:
+    done = {r['seed'] for r in rows if r['point'] == point.name}
+    left = [k for k in range(study.seeds) if k not in done]
+    if left and study.seeds == 1:
+      missing.append(point.name)
+    elif left:
+      missing.append(f'{point.name} (seed{"s" if len(left) > 1 else ""} '
+                     f'{", ".join(map(str, left))})')
+  seeds = '0' if study.seeds == 1 else f'0-{study.seeds - 1}'
+  return (f'{len(rows)} of {len(study.points) * study.seeds} runs finished: '
+          f'{len(study.points)} points × {study.seeds} seed{"s" if study.seeds > 1 else ""} '
+          f'(config.seed {seeds})' + (f'; missing: {", ".join(missing)}' if missing else '')
+          + '.')
+
+
+SUMMARY_NOTE = ('Per point: n finished seeds, the mean, the sample standard deviation and the '
+                '95 % confidence interval of the mean (Student t: mean ± t(0.975, n−1)·std/√n); '
+                '— where n = 1. Top-1 in %; `train s` is the mean training wall time of a run. '
+                'One row per run: results.csv.')
+METRIC_NOTE = ('Over the runs that have a value (`runs with a value`: e.g. those that reached '
+               'the target); the others are left out here and in the verdicts.')
+VERDICT_NOTE = ('Each line is a − b, averaged over the seeds both points have, paired by '
+                'seed: seed k of every point reads the same data order and augmentation draws '
+                'and starts from the same RNG key. The interval is the paired Student-t 95 % '
+                'interval of the mean difference; a point is called better only when it '
+                'excludes 0.')
+
+
+def results_markdown(study: Study, rows: list[dict], plot_paths: Sequence[str]) -> str:
+  """results.md: progress, the per-point summary, extra metrics, verdicts, plots, provenance."""
+  text = [f'# {study.title or study.name}', '', _progress_line(study, rows), '',
+          SUMMARY_NOTE, '', summary_table(study, rows), '']
+  for metric in study.extra_metrics:
+    text += [f'## {metric.label[0].upper()}{metric.label[1:]}', '', METRIC_NOTE, '',
+             metric_table(study, metric, rows), '']
+  if study.comparisons:
+    text += ['## Verdicts', '', VERDICT_NOTE, '']
+    text += [f'- {line}' for line in study_verdicts(study, rows)] + ['']
+  text += [f'![{os.path.basename(p)}]({os.path.basename(p)})' for p in plot_paths]
+  if rows:
+    text += ['', provenance(rows)]
+  return '\n'.join(text) + '\n'
+
+
 def collect(study: Study, root: str) -> list[dict]:
   """Rebuilds results.csv, results.md and the plots from the finished workdirs."""
   study_dir = os.path.join(root, study.name)
+  os.makedirs(study_dir, exist_ok=True)
   rows = result_rows(study, root)
-  cols = columns(study)
-  write_csv(rows, cols, os.path.join(study_dir, 'results.csv'))
-  plots = study.plot_fn(rows, study_dir) if (study.plot_fn and rows) else []
-  missing = [p.name for p in study.points if p.name not in {r['point'] for r in rows}]
-  text = [f'# {study.title or study.name}', '',
-          f'{len(rows)} of {len(study.points)} points finished'
-          + (f' (missing: {", ".join(missing)})' if missing else '') + '.', '',
-          # The spec name (with every override) is in results.csv; too wide here.
-          markdown_table(rows, [c for c in cols if c != 'model']), '']
-  text += [f'![{os.path.basename(p)}]({os.path.basename(p)})' for p in plots]
-  if rows:
-    text += ['', provenance(rows)]
+  write_csv(rows, columns(study), os.path.join(study_dir, 'results.csv'))
+  plot_paths = study.plot_fn(rows, study_dir) if (study.plot_fn and rows) else []
   tmp = os.path.join(study_dir, 'results.md.tmp')
   with open(tmp, 'w', encoding='utf-8') as f:
-    f.write('\n'.join(text) + '\n')
+    f.write(results_markdown(study, rows, plot_paths))
   os.replace(tmp, os.path.join(study_dir, 'results.md'))
   return rows
 
@@ -385,15 +641,20 @@ def collect(study: Study, root: str) -> list[dict]:
 def add_flags(parser: argparse.ArgumentParser) -> None:
   """The flags every study.py shares."""
   parser.add_argument('--root', default='runs/experiments',
-                      help='workdirs go to <root>/<study>/<point>/')
+                      help='workdirs go to <root>/<study>/<point>/seed<k>/')
+  parser.add_argument('--seeds', type=int, default=None, metavar='N',
+                      help='train every point with config.seed = 0..N-1, one workdir each '
+                           '(default: the preset\'s); also what --collect_only tabulates')
   parser.add_argument('--shard', default='0/1',
-                      help='i/n: run the points whose index %% n == i (cluster jobs)')
+                      help='i/n: run the (point, seed) pairs whose index %% n == i, '
+                           'numbered point-major (cluster jobs)')
   parser.add_argument('--points', default='', help='comma-separated point names to run')
   parser.add_argument('--collect_only', action='store_true',
                       help='only rebuild results.csv/.md and plots from finished workdirs')
-  parser.add_argument('--list', action='store_true', help='print the points and exit')
+  parser.add_argument('--list', action='store_true',
+                      help='print the points, their seeds and run numbers, and exit')
   parser.add_argument('--set', action='append', default=[], metavar='FIELD=VALUE',
-                      help='config override for every point (e.g. data.data_dir=/x)')
+                      help='config override for every run (e.g. data.data_dir=/x); not seed')
   parser.add_argument('--num_devices', type=int, default=0,
                       help='train on the first N devices (0 = all); 1 for quick CPU checks')
   parser.add_argument('--publish', default='', metavar='DIR',
@@ -409,16 +670,35 @@ def parse_shard(text: str) -> tuple[int, int]:
   return index, count
 
 
+def print_list(study: Study) -> None:
+  """--list: the points with their run numbers (what --shard splits) and seeds."""
+  n = study.seeds
+  print(f'{study.name}: {len(study.points)} points × {n} seeds (config.seed 0..{n - 1}) = '
+        f'{len(study.points) * n} runs, numbered point-major for --shard')
+  for i, point in enumerate(study.points):
+    runs = f'{i * n}' if n == 1 else f'{i * n}-{i * n + n - 1}'
+    print(f'{i:3d} {point.name:40s} runs {runs:9s} {dict(point.info)}')
+
+
+def _build(make_study: Callable[[], Study], args: argparse.Namespace) -> Study:
+  study = make_study()
+  seeds = getattr(args, 'seeds', None)
+  if seeds is not None:
+    if seeds < 1:
+      raise ValueError(f'--seeds={seeds}: expected N >= 1')
+    study = dataclasses.replace(study, seeds=seeds)
+  return study
+
+
 def main_for(make_study: Callable[[], Study], args: argparse.Namespace) -> int:
   """Builds the study and runs it as the shared flags say; returns the exit status."""
   try:
-    study = make_study()
-  except ValueError as e:  # an unknown preset, study or base model
+    study = _build(make_study, args)
+  except ValueError as e:  # an unknown preset, study or base model; a bad --seeds
     print(f'error: {e}', file=sys.stderr)
     return 2
   if args.list:
-    for i, point in enumerate(study.points):
-      print(f'{i:3d} {point.name:40s} {dict(point.info)}')
+    print_list(study)
     return 0
   try:
     shard = parse_shard(args.shard)

@@ -1,8 +1,14 @@
-"""experiments/: the harness, and the smoke preset of every study end to end on fake data."""
+"""experiments/: the harness (seeds, shards, summaries, verdicts), and every study's smoke preset.
+
+The harness's bookkeeping runs against a fake `run_point` (no training); the
+smoke presets train 2-step runs on fake Fashion-MNIST end to end.
+"""
 
 import csv
+import dataclasses
 import json
 import os
+import shutil
 
 import jax
 import pytest
@@ -10,6 +16,8 @@ import pytest
 from efficientnet_jax import config_lib
 from efficientnet_jax import train
 from experiments import harness
+from experiments import plots
+from experiments import stats
 from experiments.baselines import study as baselines_study
 from experiments.progressive import study as progressive_study
 from experiments.scaling_ablation import matching
@@ -44,21 +52,22 @@ def _rows(study_dir):
     return list(csv.DictReader(f))
 
 
-def _check_outputs(study_dir, names, pngs, of=None):
-  """Checks results.csv / .md / PNGs hold `names` (finished), out of `of` points in the study."""
+def _check_outputs(study_dir, names, pngs, of=None, seeds=1):
+  """Checks results.csv / .md / PNGs hold `names` x `seeds` (finished), of `of` points."""
   of = len(names) if of is None else of
   rows = _rows(study_dir)
-  assert [r['point'] for r in rows] == names
+  assert [(r['point'], int(r['seed'])) for r in rows] == [
+      (n, k) for n in names for k in range(seeds)]
   for row in rows:
     assert int(row['steps']) == 2
     assert 0.0 <= float(row['top1']) <= 1.0 and int(row['macs']) > 0 and int(row['params']) > 0
     assert float(row['train_wall_s']) > 0
   table = open(os.path.join(study_dir, 'results.md'), encoding='utf-8').read()
-  assert f'{len(names)} of {of} points finished' in table
+  assert f'{len(rows)} of {of * seeds} runs finished: {of} points × {seeds} seed' in table
   for name in names:
     assert f'| {name} |' in table
   total_min = sum(float(r['train_wall_s']) for r in rows) / 60
-  assert (f'CPUs. Training wall time of the {len(names)} finished points: {total_min:.1f} min'
+  assert (f'CPUs. Training wall time of the {len(rows)} finished runs: {total_min:.1f} min'
           in table)
   for png in pngs:
     with open(os.path.join(study_dir, png), 'rb') as f:
@@ -84,7 +93,7 @@ ALL_OR_SUBSET = pytest.mark.parametrize(
 
 def _no_training(monkeypatch):
   def refuse(*args, **kwargs):
-    raise AssertionError('a finished point was trained again')
+    raise AssertionError('a finished run was trained again')
   monkeypatch.setattr(train, 'run', refuse)
 
 
@@ -92,16 +101,21 @@ def _no_training(monkeypatch):
 # Harness pieces (no training).
 
 
-def test_shards_partition_the_points():
-  points = [harness.Point(f'p{i}', {}) for i in range(7)]
-  shards = [harness.select_points(points, shard=(i, 3)) for i in range(3)]
-  assert [p.name for p in shards[1]] == ['p1', 'p4']
-  assert sorted(p.name for s in shards for p in s) == sorted(p.name for p in points)
-  assert [p.name for p in harness.select_points(points, names=['p5', 'p2'])] == ['p2', 'p5']
+def test_shards_split_point_seed_pairs_point_major():
+  points = [harness.Point(f'p{i}', {}) for i in range(3)]
+  runs = lambda shard, names=(): [(p.name, k) for p, k in harness.select_runs(
+      points, 2, shard=shard, names=names)]
+  assert runs((0, 1)) == [('p0', 0), ('p0', 1), ('p1', 0), ('p1', 1), ('p2', 0), ('p2', 1)]
+  shards = [runs((i, 4)) for i in range(4)]
+  assert shards[1] == [('p0', 1), ('p2', 1)]  # runs 1 and 5
+  assert [len(s) for s in shards] == [2, 2, 1, 1]  # balanced over runs, not points
+  assert sorted(r for s in shards for r in s) == runs((0, 1))
+  # --points narrows a shard; it does not renumber the runs.
+  assert runs((1, 4), names=['p2', 'p1']) == [('p2', 1)]
   with pytest.raises(ValueError, match=r"--points: unknown \['nope'\]"):
-    harness.select_points(points, names=['nope'])
+    runs((0, 1), names=['nope'])
   with pytest.raises(ValueError, match=r'^shard=3/3: expected i/n'):
-    harness.select_points(points, shard=(3, 3))
+    runs((3, 3))
 
 
 def test_overrides_name_unknown_fields():
@@ -159,31 +173,240 @@ def test_table_points_apply_the_released_multiples_to_the_base():
 
 
 # --------------------------------------------------------------------------
+# Seeds, summaries and verdicts: a fake run_point, no training.
+
+
+def _fake_result(point, seed, top1, *, evals=(), wall=10.0):
+  return {'point': point.name, 'seed': seed, 'overrides': dict(point.overrides),
+          'info': dict(point.info), 'steps': 2, 'top1': top1, 'raw_top1': top1 + 0.01,
+          'top5': 1.0, 'eval_count': 13, 'train_wall_s': wall, 'evals': list(evals),
+          'model': 'm', 'width': 1.0, 'depth': 1.0, 'resolution': 16, 'params': 100,
+          'macs': 1000}
+
+
+def _write_result(study_dir, point, seed, top1, **kwargs):
+  workdir = harness.run_dir(str(study_dir), point.name, seed)
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, harness.RESULT_FILE), 'w', encoding='utf-8') as f:
+    json.dump(_fake_result(point, seed, top1, **kwargs), f)
+
+
+def _toy_study(seeds=2, **kwargs):
+  points = [harness.Point(f'p{i}', {'model.width': 0.25 * (i + 1)}, {'family': f'f{i}'})
+            for i in range(4)]
+  return harness.Study('toy', presets.smoke_config, points, info_columns=('family',),
+                       seeds=seeds, **kwargs)
+
+
+@pytest.fixture
+def fake_runs(monkeypatch):
+  """harness.run_point replaced by one that writes a result at once; lists its (point, seed)s."""
+  calls = []
+
+  def run_point(study, point, seed, workdir, extra=None, num_devices=0):
+    assert harness.point_config(study, point, extra, seed).seed == seed
+    calls.append((point.name, seed))
+    _write_result(os.path.dirname(os.path.dirname(workdir)), point, seed, 0.5 + 0.01 * seed)
+    return harness.read_result(workdir)
+
+  monkeypatch.setattr(harness, 'run_point', run_point)
+  return calls
+
+
+def test_seeds_train_skip_resume_and_refuse_per_seed(tmp_path, fake_runs):
+  root, log = str(tmp_path), []
+  study = _toy_study(seeds=2)
+  rows = harness.run_study(study, root, log=log.append)
+  every = [(f'p{i}', k) for i in range(4) for k in range(2)]
+  assert fake_runs == every == [(r['point'], r['seed']) for r in rows]
+  assert os.path.exists(tmp_path / 'toy' / 'p3' / 'seed1' / harness.RESULT_FILE)
+  fake_runs.clear()
+  harness.run_study(study, root, log=log.append)  # all finished: each seed skipped
+  assert fake_runs == [] and sum('finished before' in line for line in log) == 8
+  # p1/seed1 stopped after a checkpoint; seed 2 is new: only those train.
+  os.remove(tmp_path / 'toy' / 'p1' / 'seed1' / harness.RESULT_FILE)
+  (tmp_path / 'toy' / 'p1' / 'seed1' / 'checkpoints').mkdir()
+  log.clear()
+  rows = harness.run_study(dataclasses.replace(study, seeds=3), root, log=log.append)
+  assert fake_runs == [('p0', 2), ('p1', 1), ('p1', 2), ('p2', 2), ('p3', 2)]
+  assert any(line.startswith('[toy 5/12] p1/seed1: resuming in ') for line in log)
+  assert len(rows) == 12 and rows[-1]['seed'] == 2
+  # A finished seed whose point changed, or a result of another seed, is refused.
+  changed = dataclasses.replace(study, points=[
+      harness.Point('p0', {'model.width': 0.5}), *study.points[1:]])
+  with pytest.raises(ValueError, match=r'p0/seed0 finished with overrides .*rename the point'):
+    harness.run_study(changed, root, log=log.append)
+  shutil.copy(tmp_path / 'toy' / 'p0' / 'seed0' / harness.RESULT_FILE,
+              tmp_path / 'toy' / 'p0' / 'seed1' / harness.RESULT_FILE)
+  with pytest.raises(ValueError, match=r'p0/seed1 finished with seed 0, not 1'):
+    harness.run_study(study, root, log=log.append)
+
+
+def test_seed_flags_and_old_layout(tmp_path, capsys):
+  argv = ['--study=grid', '--preset=smoke', f'--root={tmp_path}']
+  assert scaling_study.main(argv + ['--set=seed=3']) == 2
+  assert 'error: --set=seed: the seed is set per run by --seeds=N' in capsys.readouterr().err
+  assert scaling_study.main(argv + ['--seeds=0']) == 2
+  assert '--seeds=0: expected N >= 1' in capsys.readouterr().err
+  assert scaling_study.main(argv + ['--list', '--seeds=3']) == 0
+  out = capsys.readouterr().out
+  assert 'grid: 2 points × 3 seeds (config.seed 0..2) = 6 runs' in out
+  assert [line.split()[2:4] for line in out.splitlines()[1:]] == [['runs', '0-2'],
+                                                                 ['runs', '3-5']]
+  # A point workdir from before seeds (result.json in <point>/ itself) is refused.
+  name = studies.grid_study(presets.get_preset('smoke')).points[0].name
+  (tmp_path / 'grid' / name).mkdir(parents=True)
+  (tmp_path / 'grid' / name / harness.RESULT_FILE).write_text('{}')
+  assert scaling_study.main(argv + ['--collect_only']) == 2
+  assert f'move its files into {tmp_path}/grid/{name}/seed0/' in capsys.readouterr().err
+
+
+def test_studies_take_the_preset_seeds_and_name_their_comparisons():
+  small, smoke = presets.get_preset('small'), presets.get_preset('smoke')
+  for name in studies.STUDY_NAMES:
+    assert studies.make_study(name, small).seeds == 3
+    assert studies.make_study(name, smoke).seeds == 1
+  svc = studies.make_study('single_vs_compound', small)
+  assert svc.metric == 'raw_top1'
+  assert svc.comparisons == [(f'compound_x{b:g}', f'{f}_x{b:g}') for b in small.budgets
+                             for f in ('depth', 'width', 'resolution')]
+  assert baselines_study.make_study('small').comparisons == svc.comparisons
+  grid = studies.make_study('grid', small)
+  assert grid.comparisons == [('a1.2_b1.1_g1.15', p.name) for p in grid.points[1:]]
+  assert studies.make_study('table_vs_formula', small).comparisons[:2] == [
+      ('table_b1', 'formula_matched_b1'), ('table_b1', 'formula_phi1')]
+  progressive = progressive_study.make_study('small')
+  assert (progressive.seeds, progressive.comparisons) == (
+      3, [('progressive', 'fixed'), ('progressive_size', 'fixed')])
+  assert progressive.extra_metrics[0].lower_is_better
+  with pytest.raises(ValueError, match="point 'a' sets seed"):
+    harness.Study('x', dict, [harness.Point('a', {'seed': 1})])
+  with pytest.raises(ValueError, match=r"comparisons name unknown points \['b'\]"):
+    harness.Study('x', dict, [harness.Point('a', {})], comparisons=[('a', 'b')])
+
+
+def test_results_summarise_the_seeds_and_state_verdicts(tmp_path):
+  scipy_stats = pytest.importorskip('scipy.stats')
+  study = _toy_study(seeds=3, comparisons=[('p1', 'p0'), ('p2', 'p0'), ('p3', 'p0')])
+  top1 = {'p0': [0.80, 0.82, 0.81], 'p1': [0.85, 0.86, 0.88], 'p2': [0.81, 0.80, 0.83],
+          'p3': [0.90]}
+  for point in study.points:
+    for seed, value in enumerate(top1[point.name]):
+      _write_result(tmp_path / 'toy', point, seed, value, wall=10.0 + seed)
+  rows = harness.collect(study, str(tmp_path))
+  assert len(rows) == 10
+  csv_rows = _rows(tmp_path / 'toy')
+  assert [(r['point'], r['seed']) for r in csv_rows][:4] == [
+      ('p0', '0'), ('p0', '1'), ('p0', '2'), ('p1', '0')]
+  table = (tmp_path / 'toy' / 'results.md').read_text(encoding='utf-8')
+  assert ('10 of 12 runs finished: 4 points × 3 seeds (config.seed 0-2); '
+          'missing: p3 (seeds 1, 2).') in table
+  low, high = scipy_stats.t.interval(0.95, 2, loc=81.0, scale=1.0 / 3 ** 0.5)
+  assert f'| p0 | f0 | 100 | 0.00 M | 2 | 3 | 81.00 | 1.00 | {low:.2f} – {high:.2f} | 11 |' \
+      in table
+  assert '| p3 | f3 | 100 | 0.00 M | 2 | 1 | 90.00 | — | — | 10 |' in table
+  verdicts = table.split('## Verdicts')[1]
+  # Paired differences 5, 4, 7 points: t(0.975, 2) * 1.528 / sqrt(3) = 3.79 either side.
+  assert ('- p1 − p0: +5.33 points of EMA top-1 (95 % CI +1.54 to +9.13, paired over 3 '
+          'seeds): p1 is better') in verdicts
+  assert ('- p2 − p0: +0.33 points of EMA top-1 (95 % CI −4.84 to +5.50, paired over 3 '
+          'seeds): no significant difference at 95 %') in verdicts
+  assert ('- p3 − p0: +10.00 points of EMA top-1 (paired over 1 seed): the 95 % interval '
+          'cannot be computed from one seed') in verdicts
+  assert harness.study_verdicts(study, rows)[0] == verdicts.split('\n- ')[1].split('\n')[0]
+
+
+def test_time_to_target_across_resumed_invocations(tmp_path):
+  """Eval times from metrics.jsonl's stamps and harness.jsonl's invocations; the verdict."""
+  workdir = tmp_path / 'run'
+  workdir.mkdir()
+  segments = [{'start': 1000.0, 'time': 1100.0, 'wall_s': 100.0},
+              {'time': 2050.0, 'wall_s': 50.0}]  # no 'start': time - wall_s
+  evals = [(10, 1090.0, 0.5), (15, 1500.0, 0.6), (20, 2030.0, 0.7), (20, 2040.0, 0.71)]
+  (workdir / harness.SEGMENTS_FILE).write_text(''.join(json.dumps(s) + '\n' for s in segments))
+  (workdir / 'metrics.jsonl').write_text(''.join(
+      json.dumps({'step': st, 'split': 'eval', 'time': t, 'top1': v}) + '\n'
+      for st, t, v in evals) + json.dumps({'step': 5, 'split': 'train', 'loss': 1.0}) + '\n')
+  curve = harness.eval_curve(str(workdir))
+  # Step 15's eval lies in no recorded invocation (killed): its time is unknown.
+  assert [(e['step'], e['wall_s'], e['top1']) for e in curve] == [
+      (10, 90.0, 0.5), (15, None, 0.6), (20, 140.0, 0.71)]
+  assert [harness.time_to_target(curve, t) for t in (0.0, 0.55, 0.65, 0.8)] == [
+      90.0, None, 140.0, None]
+  # The progressive study: per point, runs that reached the target; paired time verdicts.
+  study = dataclasses.replace(progressive_study.make_study('smoke', 0.6), plot_fn=None)
+  points = {p.name: p for p in study.points}
+  times = {'fixed': [100.0, 110.0, 104.0], 'progressive': [80.0, 86.0, 83.0],
+           'progressive_size': [90.0, None, 120.0]}
+  for name, walls in times.items():
+    for seed, wall in enumerate(walls):
+      curve = [{'step': 1, 'top1': 0.5, 'wall_s': 10.0},
+               {'step': 2, 'top1': 0.7 if wall else 0.55, 'wall_s': wall or 200.0}]
+      _write_result(tmp_path / 'progressive', points[name], seed, 0.7, evals=curve)
+  harness.collect(dataclasses.replace(study, seeds=3), str(tmp_path))
+  table = (tmp_path / 'progressive' / 'results.md').read_text(encoding='utf-8')
+  assert '## Wall time to EMA top-1 ≥ 60 %' in table
+  assert '| progressive_size | 2 of 3 | 105.0 | 21.2 |' in table
+  assert ('- progressive − fixed: −21.7 s of wall time to EMA top-1 ≥ 60 % (95 % CI −26.8 '
+          'to −16.5, paired over 3 seeds): progressive is better (lower)') in table
+  assert '- progressive_size − fixed: +3.0 s of wall time' in table
+  assert 'paired over 2 seeds): no significant difference at 95 %' in table
+
+
+def test_plots_average_the_seeds_of_a_point():
+  rows = [{'point': 'a', 'macs': 5, 'top1': v, 'line': 'l'} for v in (0.80, 0.82, 0.81)]
+  rows += [{'point': 'b', 'macs': 2, 'top1': 0.7, 'line': 'l'}]
+  (b, a), = plots.aggregate(rows, x='macs', y='top1', group='line').values()
+  assert (b['x'], b['y'], b['yerr'], b['n']) == (2, pytest.approx(70.0), 0.0, 1)
+  assert (a['x'], a['y'], a['n']) == (5, pytest.approx(81.0), 3)
+  assert a['yerr'] == pytest.approx(stats.mean_ci([80.0, 82.0, 81.0]).half_width)
+
+
+# --------------------------------------------------------------------------
 # Smoke presets end to end.
 
 
 def test_grid_smoke_runs_skips_and_resumes(tmp_path, data_flags, monkeypatch, capsys):
+  """The paper's grid point with two seeds, seed 0 resumed; then skipped, published, refused.
+
+  One point only: the second seed costs what the grid's second point did.
+  """
   root = str(tmp_path)
-  names = [p.name for p in studies.grid_study(presets.get_preset('smoke')).points]
-  # An unfinished point: a 1-step run left a checkpoint but no result.
   study = studies.grid_study(presets.get_preset('smoke'))
+  names = [p.name for p in study.points]
+  # An unfinished run: a 1-step run of seed 0 left a checkpoint but no result.
   first = harness.point_config(study, study.points[0], harness.parse_set_flag(
-      [f[len('--set='):] for f in data_flags if f.startswith('--set=')]))
+      [f[len('--set='):] for f in data_flags if f.startswith('--set=')]), seed=0)
   first.train_steps = 1
-  train.run(first, os.path.join(root, 'grid', names[0]), devices=jax.devices()[:1])
-  argv = ['--study=grid', '--preset=smoke', f'--root={root}', *data_flags]
+  train.run(first, harness.run_dir(os.path.join(root, 'grid'), names[0], 0),
+            devices=jax.devices()[:1])
+  argv = ['--study=grid', '--preset=smoke', f'--root={root}', '--seeds=2',
+          f'--points={names[0]}', *data_flags]
   assert scaling_study.main(argv) == 0
   out = capsys.readouterr().out
-  assert f'{names[0]}: resuming' in out and f'{names[1]}: training' in out
-  rows = _check_outputs(os.path.join(root, 'grid'), names,
-                        ['grid_top1_vs_macs.png', 'grid_top1_vs_alpha.png'])
-  assert [r['paper'] for r in rows] == ['True', 'False']
+  assert f'{names[0]}/seed0: resuming' in out and f'{names[0]}/seed1: training' in out
+  rows = _check_outputs(os.path.join(root, 'grid'), names[:1],
+                        ['grid_top1_vs_macs.png', 'grid_top1_vs_alpha.png'], of=2, seeds=2)
+  assert [r['paper'] for r in rows] == ['True', 'True']
+  configs = [json.load(open(os.path.join(harness.run_dir(os.path.join(root, 'grid'), names[0],
+                                                         k), 'config.json')))
+             for k in range(2)]
+  assert [c['seed'] for c in configs] == [0, 1]  # each run trained its own config.seed
+  for k in range(2):  # the eval curve, timed from metrics.jsonl's stamps
+    result = harness.read_result(harness.run_dir(os.path.join(root, 'grid'), names[0], k))
+    # Seed 0's 1-step eval ran outside the harness: no recorded invocation, no time.
+    assert [(e['step'], e['wall_s'] is None) for e in result['evals']] == (
+        [(1, True), (2, False)] if k == 0 else [(2, False)])
+    assert result['seed'] == k and 0 < result['evals'][-1]['wall_s'] <= result['train_wall_s']
+  table = open(os.path.join(root, 'grid', 'results.md'), encoding='utf-8').read()
+  assert '## Verdicts' in table
+  assert f'- {names[0]} − {names[1]}: no seed has a value (EMA top-1) for both' in table
   # Everything finished: a second invocation trains nothing and rebuilds the outputs.
   _no_training(monkeypatch)
   os.remove(os.path.join(root, 'grid', 'results.md'))
   published = os.path.join(root, 'published')
   assert scaling_study.main(argv + [f'--publish={published}']) == 0
-  assert capsys.readouterr().out.count('finished before') == len(names)
+  assert capsys.readouterr().out.count('finished before') == 2
   assert os.path.exists(os.path.join(root, 'grid', 'results.md'))
   # --publish copies exactly what the study generated.
   assert sorted(os.listdir(published)) == [
@@ -192,8 +415,9 @@ def test_grid_smoke_runs_skips_and_resumes(tmp_path, data_flags, monkeypatch, ca
     with open(os.path.join(published, name), 'rb') as a, \
          open(os.path.join(root, 'grid', name), 'rb') as b:
       assert a.read() == b.read(), name
-  # A point whose overrides changed since is refused, not silently reused.
-  result_path = os.path.join(root, 'grid', names[1], harness.RESULT_FILE)
+  # A run whose point's overrides changed since is refused, not silently reused.
+  result_path = os.path.join(harness.run_dir(os.path.join(root, 'grid'), names[0], 1),
+                             harness.RESULT_FILE)
   result = json.load(open(result_path, encoding='utf-8'))
   result['overrides']['model.alpha'] = 9.0
   json.dump(result, open(result_path, 'w', encoding='utf-8'))
@@ -253,11 +477,14 @@ def test_progressive_smoke(tmp_path, data_flags):
   assert progressive_study.main(argv) == 0
   study_dir = tmp_path / 'progressive'
   rows = _check_outputs(study_dir, ['fixed', 'progressive', 'progressive_size', 'fixed_small'],
-                        ['train_loss.png', 'top1_vs_wall.png'])
+                        ['train_loss.png', 'top1_vs_time.png', 'top1_vs_wall.png'])
   assert len({r['resolution'] for r in rows}) == 1  # all evaluated at the full size
+  # The smoke target (0) is reached at the only eval, after compiling and training.
+  for row in rows:
+    assert 0 < float(row['time_to_target_s']) <= float(row['train_wall_s'])
   sizes = {}
   for name in ('fixed', 'progressive', 'fixed_small'):
-    records = harness.read_jsonl(str(study_dir / name / 'metrics.jsonl'))
+    records = harness.read_jsonl(harness.run_dir(str(study_dir), name, 0) + '/metrics.jsonl')
     sizes[name] = [r['image_size'] for r in records if r.get('event') == 'stage_start']
   assert sizes == {'fixed': [16], 'progressive': [12, 16], 'fixed_small': [12]}
 

@@ -5,9 +5,10 @@
 The scaling_ablation single_vs_compound study with MobileNetV2
 (`config.model.name='mobilenet_v2'`) as the base network instead of the
 EfficientNet-B0 block table: the same preset recipe, budgets and MACs
-matching. `--base_model=efficientnet` runs the B0 table instead (the same
-study as scaling_ablation's, under another name), e.g. where the MobileNetV2
-spec is not available.
+matching, seeds and verdicts (compound against each single dimension at each
+budget, paired by seed). `--base_model=efficientnet` runs the B0 table instead
+(the same study as scaling_ablation's, under another name), e.g. where the
+MobileNetV2 spec is not available.
 """
 
 from __future__ import annotations

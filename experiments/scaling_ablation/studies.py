@@ -7,8 +7,9 @@
 * table_vs_formula: the released B1..B4 coefficients against
   alpha**phi, beta**phi, gamma**phi, nominal and at the table's budget.
 
-Each function takes a preset and returns a `harness.Study`; `study.py` is the
-command line.
+Each function takes a preset and returns a `harness.Study` with the preset's
+seeds and the comparisons its verdicts answer (paired by seed, see
+`harness.study_verdicts`); `study.py` is the command line.
 """
 
 from __future__ import annotations
@@ -93,10 +94,13 @@ def grid_study(preset: Preset) -> harness.Study:
                 lines=False, path=os.path.join(study_dir, 'grid_top1_vs_alpha.png'),
                 title='top-1 by alpha (labels: beta,gamma)', xlabel='alpha')]
 
+  paper = points[0].name  # grid_coefficients puts the paper's first
   return harness.Study(
       name='grid', base_config=preset.config_fn, points=points,
       info_columns=('alpha', 'beta', 'gamma', 'constraint', 'paper'), plot_fn=plot,
-      title=f'Step 1 grid search at phi = 1 ({preset.name} preset)')
+      title=f'Step 1 grid search at phi = 1 ({preset.name} preset)',
+      seeds=preset.seeds, metric=preset.plot_metric,
+      comparisons=[(paper, p.name) for p in points[1:]])
 
 
 # --------------------------------------------------------------------------
@@ -131,6 +135,12 @@ def plot_families(rows: list[dict], study_dir: str, title: str,
                               title=title, xlabel='multiply-adds (achieved)')]
 
 
+def single_vs_compound_comparisons(budgets) -> list[tuple[str, str]]:
+  """At each budget: compound against depth-, width- and resolution-only."""
+  return [(f'compound_x{b:g}', f'{family}_x{b:g}') for b in budgets
+          for family in matching.FAMILIES if family != 'compound']
+
+
 def single_vs_compound_study(preset: Preset, *, base: BaseNet | None = None,
                              name: str = 'single_vs_compound', title: str = '') -> harness.Study:
   """Also the baselines study's engine: `base` replaces the preset's base network."""
@@ -142,7 +152,9 @@ def single_vs_compound_study(preset: Preset, *, base: BaseNet | None = None,
   return harness.Study(
       name=name, base_config=preset.config_fn, points=points,
       info_columns=('family', 'budget', 'achieved', 'phi'),
-      plot_fn=lambda rows, d: plot_families(rows, d, title, preset.plot_metric), title=title)
+      plot_fn=lambda rows, d: plot_families(rows, d, title, preset.plot_metric), title=title,
+      seeds=preset.seeds, metric=preset.plot_metric,
+      comparisons=single_vs_compound_comparisons(preset.budgets))
 
 
 # --------------------------------------------------------------------------
@@ -187,10 +199,14 @@ def table_vs_formula_study(preset: Preset) -> harness.Study:
         title=f'Released B1-B{max(preset.phis)} table vs alpha^phi, beta^phi, gamma^phi '
               f'({preset.name})', xlabel='multiply-adds')]
 
+  # The table against the formula at its budget (equal MACs), then at its phi.
+  comparisons = [pair for phi in preset.phis for pair in (
+      (f'table_b{phi}', f'formula_matched_b{phi}'), (f'table_b{phi}', f'formula_phi{phi}'))]
   return harness.Study(
       name='table_vs_formula', base_config=preset.config_fn, points=points,
       info_columns=('scaling', 'phi', 'achieved'), plot_fn=plot,
-      title=f'Released table vs formula coefficients ({preset.name} preset)')
+      title=f'Released table vs formula coefficients ({preset.name} preset)',
+      seeds=preset.seeds, metric=preset.plot_metric, comparisons=comparisons)
 
 
 def make_study(name: str, preset: Preset) -> harness.Study:

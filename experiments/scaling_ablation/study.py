@@ -4,6 +4,11 @@
     python -m experiments.scaling_ablation.study --study=single_vs_compound --preset=small
     python -m experiments.scaling_ablation.study --study=table_vs_formula --preset=imagenet \
         --shard=3/16 --set=data.data_dir=/data/tfds      # one of 16 cluster jobs
+    python -m experiments.scaling_ablation.study --study=grid --preset=small --seeds=5
+
+Every point runs with the preset's seeds (`--seeds` overrides), one workdir
+each; results.md gives each point's mean and 95 % interval over its seeds and
+the study's verdicts, paired by seed (experiments/README.md, "The driver").
 """
 
 from __future__ import annotations
