@@ -37,10 +37,14 @@ flags.register_multi_flags_validator(
     message='flag --workdir must have a value other than None (or pass --dry_run)')
 
 
-def _maybe_initialize_distributed():
-  """Multi-host: initialises JAX's runtime from the flags, or where the platform announces one."""
-  import jax  # pylint: disable=g-import-not-at-top
+def _maybe_initialize_distributed(config):
+  """Multi-host: joins JAX's runtime from the flags, or where the platform announces one.
+
+  Returns the `distributed.PeerWatch` of a multi-process run, else None.
+  """
+  from efficientnet_jax import distributed  # pylint: disable=g-import-not-at-top
   explicit = (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  timeout = config.peer_failure_timeout_s
   if any(v is not None for v in explicit):
     if any(v is None for v in explicit):
       given = ', '.join(f'--{n}={v}' for n, v in zip(
@@ -52,16 +56,16 @@ def _maybe_initialize_distributed():
     if not 0 <= _PROCESS_ID.value < _NUM_PROCESSES.value:
       raise ValueError(f'--process_id={_PROCESS_ID.value}; accepted: 0..'
                        f'{_NUM_PROCESSES.value - 1} (--num_processes={_NUM_PROCESSES.value})')
-    jax.distributed.initialize(_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
-                               process_id=_PROCESS_ID.value)
-    return
+    return distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                                  peer_failure_timeout_s=timeout)
   cluster_env = ('SLURM_NTASKS', 'TPU_WORKER_HOSTNAMES', 'MEGASCALE_COORDINATOR_ADDRESS',
                  'JAX_COORDINATOR_ADDRESS')
   if any(os.environ.get(v) for v in cluster_env):
     try:
-      jax.distributed.initialize()
+      return distributed.initialize(peer_failure_timeout_s=timeout)
     except ValueError as e:  # one host after all (e.g. a 1-task SLURM job)
       print(f'jax.distributed not initialised: {e}', file=sys.stderr)
+  return None
 
 
 def _config_error(argv) -> str | None:
@@ -105,13 +109,20 @@ def main(argv):
   from efficientnet_jax import runtime  # pylint: disable=g-import-not-at-top
   runtime.best_effort_console()  # a closed stdout pipe must not stop training
   from efficientnet_jax import train  # pylint: disable=g-import-not-at-top
+  peers = None
   try:
-    _maybe_initialize_distributed()
+    peers = _maybe_initialize_distributed(_CONFIG.value)
     train.run(_CONFIG.value, _WORKDIR.value)
   except (ValueError, FileNotFoundError, FloatingPointError,
           train.checkpointing.CheckpointError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
+  except Exception:  # pylint: disable=broad-except
+    if peers is not None:  # a collective that failed because a peer died: say which
+      peers.wait_for_loss()
+    raise
+  from efficientnet_jax import distributed  # pylint: disable=g-import-not-at-top
+  distributed.finish(peers)
 
 
 if __name__ == '__main__':

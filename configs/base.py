@@ -137,6 +137,12 @@ def get_config(arg=None):
   config.eval_every_steps = -1  # < 0: once per epoch
   config.checkpoint_every_steps = 1000
   config.keep_checkpoints = 3
+  # A checkpoint whose files differ from its manifest: 'fallback' resumes from the
+  # newest intact step (the corrupt one is renamed, not deleted); 'error' stops.
+  config.corrupt_checkpoint = 'fallback'
+  # Multi-process: a process silent for this long is lost, and the others stop
+  # (exit 75) instead of waiting in a collective (efficientnet_jax/distributed.py).
+  config.peer_failure_timeout_s = 100
 
   if arg == 'smoke':
     smoke(config)

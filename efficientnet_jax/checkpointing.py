@@ -16,15 +16,21 @@ step directory counts as finalized only once `commit_success.txt` exists.
 The checks below walk the directory with `os`/`pathlib`, so workdirs must be
 on a local or mounted filesystem (not `gs://`).
 
-Corruption after the fact (a truncated or emptied file, a partial copy) is not
-caught by orbax until tensorstore fails half-way through a restore. `restore`
-and `read_meta` check the step directory first and raise `CheckpointError`
-naming the step and path; nothing is ever deleted. With
-`fallback_to_previous=True`, `restore` takes the newest intact step instead and
-renames the corrupt newer ones to `<step>.corrupt-<time>` (see `restore`).
+Corruption after the fact (a flipped byte, a truncated or emptied file, a
+partial copy between buckets) is not caught by orbax, or only when tensorstore
+fails half-way through a restore. Every step therefore carries a manifest,
+`<step>/manifest.json`: the size and CRC-32 of every file of the step, written
+by the step's commit (`_ManifestedTemporaryPath.finalize`) after every other
+file and before `commit_success.txt` and the rename, so a finalized step always
+has one. `restore` checks the manifest (all files, not only those it reads) on
+a thread beside the orbax restore, so the check overlaps the reads instead of
+adding to them. A mismatch raises `CheckpointError` naming the step and the
+damaged files; nothing is ever deleted. With `fallback_to_previous=True`,
+`restore` takes the newest intact step instead and renames the corrupt newer
+ones to `<step>.corrupt-<time>` (see `restore`).
 
-Pre-emption (SIGTERM): the loop's signal handler only sets a flag; at the next
-step boundary the loop calls `save(..., force=True)` and then `wait(manager)`.
+Pre-emption (SIGTERM): `runtime.Preemption` stops the loop at a step boundary
+(the same step on every process), where it calls `save(..., force=True)` and then `wait(manager)`.
 `force=True` bypasses `save_interval_steps`, and `save` returns False instead of
 failing when that step is already on disk (e.g. SIGTERM right after a periodic
 save). Arrays are copied to host before `save` returns, so the state may be
@@ -33,12 +39,15 @@ donated to the next train step straight away.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import json
 import logging
 import math
 import os
 import pathlib
 import time
+import zlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -46,6 +55,8 @@ import jax
 from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocp_policies
+from orbax.checkpoint._src.metadata import checkpoint as ocp_step_metadata
+from orbax.checkpoint._src.path import atomicity as ocp_atomicity
 
 logger = logging.getLogger(__name__)
 
@@ -70,8 +81,120 @@ _ITEM_FILES = {
 _CORRUPTION_CODES = ('DATA_LOSS', 'OUT_OF_RANGE', 'NOT_FOUND', 'UNKNOWN')
 
 
+# What a run does with a corrupt newest checkpoint (config.corrupt_checkpoint).
+ON_CORRUPT = ('fallback', 'error')
+
+
 class CheckpointError(Exception):
   """A checkpoint cannot be written or read: truncated, corrupt or failed save."""
+
+
+# --------------------------------------------------------------------------
+# The manifest: size and CRC-32 of every file of a step, written in its commit.
+
+MANIFEST_FILE = 'manifest.json'
+_MANIFEST_FORMAT = 'efficientnet_jax/checkpoint-manifest/1'
+# Written by the commit after the manifest, so not listed in it.
+_UNLISTED = (MANIFEST_FILE, 'commit_success.txt')
+_CHUNK = 8 << 20  # bytes read at a time while checksumming
+
+
+def _file_crc32(path: pathlib.Path) -> int:
+  # zlib releases the GIL on large buffers: several files checksum in parallel,
+  # and beside orbax's own reads.
+  crc = 0
+  with open(path, 'rb') as f:
+    while chunk := f.read(_CHUNK):
+      crc = zlib.crc32(chunk, crc)
+  return crc
+
+
+def _step_files(step_dir: pathlib.Path) -> list[str]:
+  files = []
+  for dirpath, _, names in os.walk(step_dir):
+    for name in names:
+      rel = os.path.relpath(os.path.join(dirpath, name), step_dir)
+      if rel not in _UNLISTED:
+        files.append(rel)
+  return sorted(files)
+
+
+def write_manifest(step_dir: str | os.PathLike[str]) -> dict:
+  """Writes `<step_dir>/manifest.json` (size and CRC-32 of every file) and returns it."""
+  step_dir = pathlib.Path(step_dir)
+  names = _step_files(step_dir)
+  with concurrent.futures.ThreadPoolExecutor(4) as pool:
+    crcs = list(pool.map(lambda n: _file_crc32(step_dir / n), names))
+  files = {n: {'size': (step_dir / n).stat().st_size, 'crc32': f'{c:08x}'}
+           for n, c in zip(names, crcs)}
+  manifest = {'format': _MANIFEST_FORMAT, 'files': files}
+  tmp = step_dir / (MANIFEST_FILE + '.tmp')
+  tmp.write_text(json.dumps(manifest, indent=0, sort_keys=True))
+  tmp.rename(step_dir / MANIFEST_FILE)
+  return manifest
+
+
+def verify_manifest(step_dir: str | os.PathLike[str]) -> list[str] | None:
+  """What differs from the step's manifest ([] if nothing); None if it has no manifest.
+
+  Every listed file is checked, whether or not a restore would read it: a file
+  missing, of another size, or with another CRC-32 is reported by its path.
+  """
+  step_dir = pathlib.Path(step_dir)
+  try:
+    manifest = json.loads((step_dir / MANIFEST_FILE).read_text())
+    files = manifest['files']
+  except FileNotFoundError:
+    return None
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    return [f'{MANIFEST_FILE} unreadable ({type(e).__name__}: {_first_line(e)})']
+
+  def check(item) -> str | None:
+    name, want = item
+    path = step_dir / name
+    if not path.is_file():
+      return f'{name} missing'
+    size = path.stat().st_size
+    if size != want['size']:
+      return f'{name} has {size} bytes, the manifest says {want["size"]}'
+    crc = f'{_file_crc32(path):08x}'
+    if crc != want['crc32']:
+      return f'{name} has CRC-32 {crc}, the manifest says {want["crc32"]}'
+    return None
+
+  with concurrent.futures.ThreadPoolExecutor(4) as pool:
+    return [p for p in pool.map(check, sorted(files.items())) if p]
+
+
+class _ManifestedTemporaryPath(ocp_atomicity.AtomicRenameTemporaryPath):
+  """Orbax's atomic-rename commit with the manifest written just before it.
+
+  Orbax's `finalize` updates `_CHECKPOINT_METADATA`, writes
+  `commit_success.txt` and renames `<step>.orbax-checkpoint-tmp` to `<step>`
+  (orbax-checkpoint 0.12.8, `_src/path/atomicity.py`). This does the metadata
+  update itself, then the manifest over every file now in the tmp directory,
+  then hands over to orbax's commit with the update already done. It runs on
+  orbax's background thread (async saves) and on the primary process only.
+  """
+
+  async def finalize(self):
+    store = self._checkpoint_metadata_store
+    if store is not None and _is_step_dir(self._final_path):
+      await asyncio.to_thread(store.wait_until_finished)
+      await asyncio.to_thread(
+          store.update,
+          file_path=ocp_step_metadata.step_metadata_file_path(self._tmp_path),
+          commit_timestamp_nsecs=time.time_ns())
+      await asyncio.to_thread(store.wait_until_finished)
+      self._checkpoint_metadata_store = None  # done: orbax's finalize skips it
+    if _is_step_dir(self._final_path):
+      await asyncio.to_thread(write_manifest, self._tmp_path)
+    await super().finalize()
+
+
+def _is_step_dir(path) -> bool:
+  """Step directories are named by the step; items (`state`, `meta`) are not."""
+  return pathlib.Path(str(path)).name.isdigit()
 
 
 def make_checkpoint_manager(
@@ -139,6 +262,7 @@ def make_checkpoint_manager(
       # Tmp dirs of killed saves are ignored and replaced when that step is
       # saved again; removing them at start-up is not worth a deletion path.
       cleanup_tmp_directories=False,
+      temporary_path_class=_ManifestedTemporaryPath,
   )
   try:
     return ocp.CheckpointManager(
@@ -262,15 +386,6 @@ def best_step(manager: CheckpointManager) -> int | None:
   return manager.best_step()
 
 
-def reached_preemption(manager: CheckpointManager, step: int) -> bool:
-  """True at JAX's pre-emption sync point (jax.distributed + preemption service).
-
-  Without that service (e.g. one process, no `jax.distributed.initialize`)
-  this is always False; the SIGTERM flag of the loop covers that case.
-  """
-  return manager.reached_preemption(int(step))
-
-
 def read_meta(
     manager: CheckpointManager, step: int | None = None
 ) -> dict[str, Any]:
@@ -362,18 +477,40 @@ def restore(
 def _restore_step(
     manager: CheckpointManager, step: int, abstract_state: Any
 ) -> tuple[Any, dict[str, Any]]:
+  """Restores one step while its manifest is checked on a thread alongside."""
   _check_step_dir(manager, step, items=(_STATE, _META))
-  restored = _orbax_restore(
-      manager,
-      step,
-      ocp.args.Composite(
-          **{
-              _STATE: ocp.args.StandardRestore(abstract_state),
-              _META: ocp.args.JsonRestore(),
-          }
-      ),
-  )
+  step_dir = _step_dir(manager, step)
+  with concurrent.futures.ThreadPoolExecutor(1) as pool:
+    check = pool.submit(verify_manifest, step_dir)
+    try:
+      restored = _orbax_restore(
+          manager,
+          step,
+          ocp.args.Composite(
+              **{
+                  _STATE: ocp.args.StandardRestore(abstract_state),
+                  _META: ocp.args.JsonRestore(),
+              }
+          ),
+      )
+    except CheckpointError as e:
+      # The manifest names every damaged file; tensorstore only the first read.
+      _raise_if_damaged(step, step_dir, check.result(), cause=e)
+      raise
+    _raise_if_damaged(step, step_dir, check.result())
   return restored[_STATE], dict(restored[_META])
+
+
+def _raise_if_damaged(step: int, step_dir: pathlib.Path, problems: list[str] | None,
+                      cause: BaseException | None = None) -> None:
+  if problems is None:
+    logger.warning('Checkpoint step %d has no %s (saved before manifests); '
+                   'its files were not verified.', step, MANIFEST_FILE)
+  elif problems:
+    raise CheckpointError(
+        f'Checkpoint step {step} at {step_dir} is corrupt: {"; ".join(problems[:5])}'
+        + (f' (and {len(problems) - 5} more)' if len(problems) > 5 else '')
+    ) from cause
 
 
 def _orbax_restore(

@@ -17,6 +17,7 @@ import difflib
 import importlib.util
 import os
 
+from efficientnet_jax import checkpointing
 from efficientnet_jax import cpu_tuning
 from efficientnet_jax import experiment
 from efficientnet_jax import optim
@@ -190,6 +191,8 @@ def _check_loop(config) -> None:
   _positive(config, 'eval_every_steps', default=-1)
   _positive(config, 'checkpoint_every_steps')
   _positive(config, 'keep_checkpoints')
+  _one_of(config, 'corrupt_checkpoint', checkpointing.ON_CORRUPT)
+  _positive(config, 'peer_failure_timeout_s')
   _one_of(config, 'sharding', sharding.MODES)
   # 'flat' with a sharded state is refused by state_layout.resolve
   _one_of(config, 'state_layout', state_layout.LAYOUTS)

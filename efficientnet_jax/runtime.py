@@ -91,13 +91,23 @@ def best_effort_console() -> None:
 
 
 class Preemption:
-  """SIGTERM sets a flag; the loop saves a checkpoint and exits cleanly."""
+  """SIGTERM stops the loop at a step boundary, where it saves a checkpoint and exits cleanly.
+
+  One process: a Python signal handler sets a flag. Several processes: JAX's
+  preemption notifier (installed by `jax.distributed.initialize`) owns SIGTERM,
+  and `stop_at` is JAX's sync point, true at the same step on every process
+  once any of them got the signal; a Python handler would replace the
+  notifier's and leave the others training into a collective without it.
+  """
 
   def __init__(self):
     self.requested = False
     self._previous = None
+    self._multiprocess = jax.process_count() > 1
 
   def __enter__(self):
+    if self._multiprocess:
+      return self
     try:
       self._previous = signal.signal(signal.SIGTERM, self._handle)
     except ValueError:  # not the main thread (e.g. some test runners)
@@ -107,6 +117,13 @@ class Preemption:
   def _handle(self, signum, frame):
     del signum, frame
     self.requested = True
+
+  def stop_at(self, step: int) -> bool:
+    """Whether to save and stop before `step`; called at every step, in order, on every process."""
+    if self._multiprocess:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      self.requested = self.requested or multihost_utils.reached_preemption_sync_point(step)
+    return self.requested
 
   def __exit__(self, *exc):
     if self._previous is not None:

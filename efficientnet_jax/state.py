@@ -75,20 +75,24 @@ def check_workdir_matches(manager, exp: Experiment, workdir: str) -> None:
                      f'model ({detail}); use another --workdir')
 
 
-def restore_state(manager, step: int, exp: Experiment, abstract, mesh, mode: str):
+def restore_state(manager, step: int, exp: Experiment, abstract, mesh, mode: str,
+                  fallback: bool = False):
   """(state, meta) of checkpoint `step`, in this run's layout and shardings (`abstract`).
 
   A checkpoint saved in the other state layout (another sharding mode) is read
-  in its own layout and converted on device (`state_layout.relayout`).
+  in its own layout and converted on device (`state_layout.relayout`). With
+  `fallback`, a corrupt step gives way to the newest intact older one (the
+  restored state's `step` says which).
   """
   saved = checkpointing.read_meta(manager, step).get('state_layout',
                                                      state_layout.SAVED_BEFORE_LAYOUTS)
   if saved == exp.layout:
-    return checkpointing.restore(manager, abstract, step)
+    return checkpointing.restore(manager, abstract, step, fallback_to_previous=fallback)
   if saved not in state_layout.LAYOUTS:
     raise ValueError(f'checkpoint step {step} has state_layout={saved!r}; this code knows '
                      f'{", ".join(state_layout.LAYOUTS[1:])}')
-  state, meta = checkpointing.restore(manager, abstract_state(exp, saved, mesh, mode), step)
+  state, meta = checkpointing.restore(manager, abstract_state(exp, saved, mesh, mode), step,
+                                      fallback_to_previous=fallback)
   convert = jax.jit(lambda s: state_layout.relayout(s, abstract),
                     out_shardings=jax.tree.map(lambda a: a.sharding, abstract))
   return convert(state), meta

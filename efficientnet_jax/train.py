@@ -27,6 +27,7 @@ from efficientnet_jax import checkpointing
 from efficientnet_jax import config_lib
 from efficientnet_jax import cpu_tuning
 from efficientnet_jax import data
+from efficientnet_jax import distributed
 from efficientnet_jax import evaluate
 from efficientnet_jax import finetune
 from efficientnet_jax import runtime
@@ -143,7 +144,8 @@ def _init_or_restore(setup: _Setup, config, workdir: str) -> tuple[dict, int]:
   # fails: a refused workdir is left exactly as it was.
   new_cache = (cache_dir is not None and cache_dir.startswith(workdir + os.sep)
                and not os.path.exists(cache_dir))
-  exp, start_step = setup.exp, checkpointing.latest_step(setup.manager)
+  exp = setup.exp
+  start_step = distributed.agreed_step(checkpointing.latest_step(setup.manager))
   if start_step is None:
     state = jax.jit(state_lib.state_init_fn(exp, exp.layout),
                     out_shardings=setup.state_sharding)(setup.init_key)
@@ -152,11 +154,16 @@ def _init_or_restore(setup: _Setup, config, workdir: str) -> tuple[dict, int]:
     return state, 0
   try:
     state, saved = state_lib.restore_state(setup.manager, start_step, exp, setup.abstract,
-                                           setup.mesh, config.sharding)
+                                           setup.mesh, config.sharding,
+                                           fallback=config.corrupt_checkpoint == 'fallback')
   except Exception:
     if new_cache:
       shutil.rmtree(cache_dir, ignore_errors=True)
     raise
+  newest, start_step = start_step, int(jax.device_get(state['step']))
+  if start_step != newest:
+    print(f'note: checkpoint step {newest} is corrupt (see the warning above); resuming from '
+          f'step {start_step}, the newest intact one', flush=True)
   stage = exp.plan.stage_at(start_step)
   print(f'resumed from {workdir}/checkpoints at step {start_step} (stage {stage.index}, '
         f'{stage.image_size}px)', flush=True)
@@ -277,7 +284,7 @@ def _train_stage(loop: _Loop, prepared, state, step: int, last_eval):
                 else setup.exp.steps_per_epoch)
   batch, batches = prepared.first_batch, prepared.batches
   while step < stage.end_step:
-    if loop.preemption.requested:
+    if loop.preemption.stop_at(step):
       checkpointer.save(step, state, force=True)
       checkpointing.wait(setup.manager)
       print(f'SIGTERM: saved step {step} and stopped', flush=True)

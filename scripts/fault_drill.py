@@ -1,6 +1,7 @@
 """Fault drill: trains a tiny model for real and injects the faults a cluster job meets.
 
     python scripts/fault_drill.py --trials=20 [--json] [--workdir=DIR] [--seed=0]
+    python scripts/fault_drill.py --multiprocess --trials=10 [--json]  # 2 jax.distributed processes
 
 Every training run is `train.py` in a child process on a small image folder (sklearn's
 8x8 digits as PNGs plus planted garbage / truncated files). Faults that must happen inside
@@ -644,6 +645,8 @@ class Drill:
     self.t0 = time.monotonic()
     shutil.rmtree(self.data_dir, ignore_errors=True)
     planted = make_image_folder(self.data_dir)
+    if self.args.multiprocess:
+      return self.run_multiprocess()
     self.log(f'image folder {self.data_dir}: {planted["good_train"]} + {planted["good_test"]} '
              f'good, {planted["bad"]} bad files; devices {self.args.devices}, '
              f'{self.args.steps} steps, checkpoint every step')
@@ -660,6 +663,17 @@ class Drill:
       self.single_faults()
     self.result['bad_images'] = self.bad_images(planted, reference)
     self.result['reference'] = reference
+    return self.summary_and_exit()
+
+  def run_multiprocess(self) -> int:
+    import fault_drill_multiprocess  # pylint: disable=g-import-not-at-top
+    self.result = {}
+    drill = fault_drill_multiprocess.MultiDrill(self.args, self.root, self.data_dir,
+                                                self.fields())
+    try:
+      self.result['multiprocess'] = drill.run()
+    finally:
+      self.failures += drill.failures
     return self.summary_and_exit()
 
   def single_faults(self) -> None:
@@ -724,6 +738,9 @@ def format_table(r: dict) -> str:
                  f'{s["num_skipped"]}/{s["planted_bad_files"]} skipped and counted, '
                  f'{s["num_train"]} train images used, training completed '
                  f'{s["training_completed"]}'))
+  if 'multiprocess' in r:
+    import fault_drill_multiprocess  # pylint: disable=g-import-not-at-top
+    rows += fault_drill_multiprocess.format_rows(r['multiprocess'])
   width = max((len(name) for _, name, _ in rows), default=10)
   lines = [f'{"":4}  {"fault":{width}}  outcome']
   lines += [f'{ok}  {name:{width}}  {detail}' for ok, name, detail in rows]
@@ -748,6 +765,10 @@ def main(argv=None) -> int:
                       help='JAX compilation cache (default <workdir>/compile_cache)')
   parser.add_argument('--jobs', type=int, default=2,
                       help='2: the single faults run beside the kill trials (default 2)')
+  parser.add_argument('--multiprocess', action='store_true',
+                      help='run the 2-process faults instead (scripts/fault_drill_multiprocess.py):'
+                           ' --trials kills of one of two jax.distributed processes, SIGTERM to '
+                           'all and to one, corrupt checkpoint files')
   parser.add_argument('--child', default=None, help=argparse.SUPPRESS)
   parser.add_argument('--child_step', type=int, default=0, help=argparse.SUPPRESS)
   args, rest = parser.parse_known_args(argv)
@@ -760,6 +781,8 @@ def main(argv=None) -> int:
     parser.error(f'--kills_per_run={args.kills_per_run}; accepted: >= 1')
   if args.steps < 4:
     parser.error(f'--steps={args.steps}; accepted: >= 4')
+  if args.multiprocess:
+    args.devices = 4  # the drill's own restores see one process's devices
   if args.devices < 1 or 8 % args.devices:
     parser.error(f'--devices={args.devices}; accepted: 1, 2, 4 or 8 (batch 8)')
   temp = None

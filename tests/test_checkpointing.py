@@ -240,7 +240,6 @@ def test_interval_and_forced_save_mid_interval(tmp_path):
   state = _make_state()
   assert checkpointing.save(mngr, 100, state, meta=META)
   assert not checkpointing.save(mngr, 150, state, meta=META)
-  assert not checkpointing.reached_preemption(mngr, 150)
   assert checkpointing.save(mngr, 150, state, meta=META, force=True)
   checkpointing.wait(mngr)
   # A second SIGTERM save at the same step is a no-op, not an error.
@@ -420,3 +419,40 @@ def test_meta_must_be_json(manager):
     checkpointing.save(
         manager, 1, _make_state(), meta={'bad': object()}, force=True
     )
+
+
+@pytest.mark.usefixtures('failing_reads')
+@pytest.mark.parametrize('damage', ['flip_unread', 'truncate_unread', 'flip_data'])
+def test_manifest_catches_damage_a_restore_would_not_see(manager, damage, caplog):
+  # A restore with target shardings never reads state/_sharding or
+  # state/commit_success.txt; a flipped byte in OCDBT array data can restore as
+  # other values without an error. The manifest covers every file.
+  good = _make_state(seed=1)
+  _save(manager, 1, good)
+  _save(manager, 2, _make_state(seed=2))
+  step_dir = _ckpt_dir(manager) / '2'
+  assert checkpointing.verify_manifest(step_dir) == []
+  if damage == 'flip_data':
+    target = max((p for p in (step_dir / 'state').rglob('*')
+                  if p.is_file() and p.parent.name == 'd'), key=lambda p: p.stat().st_size)
+  else:
+    target = step_dir / 'state' / ('_sharding' if damage == 'flip_unread'
+                                   else 'commit_success.txt')
+  data = bytearray(target.read_bytes())
+  if damage == 'truncate_unread':
+    data = data[:len(data) // 2]
+  else:
+    data[len(data) // 2] ^= 0x20
+  target.write_bytes(bytes(data))
+  name = str(target.relative_to(step_dir))
+  problems = checkpointing.verify_manifest(step_dir)
+  assert len(problems) == 1 and problems[0].startswith(name), problems
+  abstract = _abstract_state(_mesh(8))
+  with pytest.raises(checkpointing.CheckpointError, match=f'step 2 .*corrupt.*{name}'):
+    checkpointing.restore(manager, abstract, 2)
+  with caplog.at_level(logging.WARNING, logger=checkpointing.__name__):
+    restored, meta = checkpointing.restore(manager, abstract, fallback_to_previous=True)
+  assert meta['step'] == 1 and name in caplog.text
+  _assert_bit_exact(restored, good)
+  assert checkpointing.all_steps(manager) == [1]  # step 2 kept aside, not deleted
+  assert len(list(_ckpt_dir(manager).glob('2.corrupt-*'))) == 1
