@@ -42,8 +42,13 @@ import time
 import jax
 
 EXIT_PEER_LOST = 75  # EX_TEMPFAIL: a cluster manager may relaunch the job
-_POLL_S = 0.5
 _FINISH_TIMEOUT_S = 600
+
+
+def _poll_s(timeout_s: float) -> float:
+  # Each poll is an RPC of every process to the coordinator: on a pod of
+  # thousands of hosts at the default 100 s timeout, one every 5 s.
+  return min(5.0, max(0.5, timeout_s / 20))
 
 
 def _client():
@@ -96,12 +101,12 @@ class PeerWatch:
     before the service has missed any heartbeat. Returns if no peer is lost.
     """
     if not self._stop.is_set():
-      self._thread.join(timeout=self.timeout_s + 4 * _POLL_S)
+      self._thread.join(timeout=self.timeout_s + 4 * _poll_s(self.timeout_s))
 
   def _run(self) -> None:
     everyone = list(range(self.num_processes))
     client = _client()
-    while not self._stop.wait(_POLL_S):
+    while not self._stop.wait(_poll_s(self.timeout_s)):
       try:
         live = set(client.get_live_nodes(everyone))
       except Exception as e:  # pylint: disable=broad-except

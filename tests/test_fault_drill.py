@@ -6,6 +6,8 @@ import subprocess
 import sys
 import tempfile
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Kept between test sessions: the children's compiled steps load instead of compiling.
 CACHE = os.path.join(tempfile.gettempdir(), 'efficientnet_jax_fault_drill_cache')
@@ -54,3 +56,19 @@ def test_fault_drill_loses_nothing(tmp_path):
   assert b['num_skipped'] == b['planted_bad_files'] == 5
   assert b['num_train'] == 40 and b['training_completed']
   assert r['wall_s'] > 0
+
+
+@pytest.mark.slow  # ~8 min; the default suite's 2-process kill/SIGTERM test covers its paths
+def test_multiprocess_fault_drill(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, 'scripts/fault_drill.py', '--multiprocess', '--trials=1', '--steps=6',
+       '--json', f'--workdir={tmp_path}', f'--compile_cache={CACHE}_mp'],
+      cwd=REPO, capture_output=True, text=True, timeout=1500)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  r = json.loads(proc.stdout)['multiprocess']
+  assert r['hangs'] == 0 and r['max_exit_s'] <= r['exit_bound_s']
+  assert r['lost_steps'] == 0 and r['final_params_equal'] is True
+  assert r['corruptions_detected'] == r['corruptions_planted'] == 3
+  for which in ('sigterm_all', 'sigterm_one'):
+    s = r[which]
+    assert s['exit_codes'] == [0, 0] and s['saved_steps'][0] == s['saved_steps'][1]
