@@ -1,4 +1,4 @@
-"""What the checkpoint manifest costs: save and restore of B0 / B4 train states, with and without it.
+"""What the checkpoint manifest costs: B0 / B4 train states saved and restored, with and without.
 
     python scripts/benchmark_checkpoint.py [--models=b0,b4] [--rounds=3] [--json]
 
