@@ -192,7 +192,7 @@ def _check_loop(config) -> None:
   _positive(config, 'checkpoint_every_steps')
   _positive(config, 'keep_checkpoints')
   _one_of(config, 'corrupt_checkpoint', checkpointing.ON_CORRUPT)
-  _positive(config, 'peer_failure_timeout_s')
+  _at_least(config, 'peer_failure_timeout_s', 1)  # JAX takes whole seconds
   _one_of(config, 'sharding', sharding.MODES)
   # 'flat' with a sharded state is refused by state_layout.resolve
   _one_of(config, 'state_layout', state_layout.LAYOUTS)

@@ -52,6 +52,8 @@ def _poll_s(timeout_s: float) -> float:
 
 
 def _client():
+  # jax.distributed has no public handle on its client (jax 0.10.2); JAX's own
+  # multihost_utils and orbax reach it the same way.
   from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
   return jax_distributed.global_state.client
 
