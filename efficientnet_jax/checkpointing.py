@@ -178,8 +178,10 @@ class _ManifestedTemporaryPath(ocp_atomicity.AtomicRenameTemporaryPath):
   """
 
   async def finalize(self):
+    if not _is_step_dir(self._final_path):  # an item's directory inside the step
+      return await super().finalize()
     store = self._checkpoint_metadata_store
-    if store is not None and _is_step_dir(self._final_path):
+    if store is not None:
       await asyncio.to_thread(store.wait_until_finished)
       await asyncio.to_thread(
           store.update,
@@ -187,8 +189,7 @@ class _ManifestedTemporaryPath(ocp_atomicity.AtomicRenameTemporaryPath):
           commit_timestamp_nsecs=time.time_ns())
       await asyncio.to_thread(store.wait_until_finished)
       self._checkpoint_metadata_store = None  # done: orbax's finalize skips it
-    if _is_step_dir(self._final_path):
-      await asyncio.to_thread(write_manifest, self._tmp_path)
+    await asyncio.to_thread(write_manifest, self._tmp_path)
     await super().finalize()
 
 

@@ -667,13 +667,7 @@ class Drill:
 
   def run_multiprocess(self) -> int:
     import fault_drill_multiprocess  # pylint: disable=g-import-not-at-top
-    self.result = {}
-    drill = fault_drill_multiprocess.MultiDrill(self.args, self.root, self.data_dir,
-                                                self.fields())
-    try:
-      self.result['multiprocess'] = drill.run()
-    finally:
-      self.failures += drill.failures
+    self.result = {'multiprocess': fault_drill_multiprocess.MultiDrill(self).run()}
     return self.summary_and_exit()
 
   def single_faults(self) -> None:

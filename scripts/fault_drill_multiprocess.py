@@ -62,9 +62,6 @@ class Pair:
   def finish(self, timeout: float = fd.CHILD_TIMEOUT_S) -> list[tuple[int | None, bool]]:
     return [c.finish(timeout) for c in self.children]
 
-  def exit_times(self) -> list[float | None]:
-    return [c.exit_time for c in self.children]
-
 
 def _watch_exit(child: fd.Child) -> None:
   """Records when the child exits (polled), for exit-time bounds."""
@@ -80,29 +77,19 @@ def _watch_exit(child: fd.Child) -> None:
 class MultiDrill:
   """Runs the multi-process faults; `run()` returns the JSON section."""
 
-  def __init__(self, args, root: str, data_dir: str, inspector_fields: dict):
-    self.args, self.root, self.data_dir = args, root, data_dir
-    self.logs = os.path.join(root, 'logs_multiprocess')
+  def __init__(self, parent: fd.Drill):
+    # The parent's log, check and failure list: one report for both drills.
+    self.args, self.root, self.data_dir = parent.args, parent.root, parent.data_dir
+    self.log, self.check, self.failures = parent.log, parent.check, parent.failures
+    self.logs = os.path.join(self.root, 'logs_multiprocess')
     os.makedirs(self.logs, exist_ok=True)
-    self.cache_dir = os.path.join(root, 'compile_cache_multiprocess')
+    self.cache_dir = os.path.join(self.root, 'compile_cache_multiprocess')
     self.env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count='
                     f'{DEVICES_PER_PROCESS}', JAX_PLATFORMS='cpu', CUDA_VISIBLE_DEVICES='',
                     TF_CPP_MIN_LOG_LEVEL='2', JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
                     PYTHONUNBUFFERED='1')
-    self.rng = random.Random(args.seed + 1)
-    self.inspector = fd.Inspector(inspector_fields)
-    self.failures: list[str] = []
-    self.t0 = time.monotonic()
-
-  def log(self, msg: str) -> None:
-    print(f'[fault_drill mp +{time.monotonic() - self.t0:6.1f}s] {msg}', file=sys.stderr,
-          flush=True)
-
-  def check(self, ok: bool, what: str) -> bool:
-    if not ok:
-      self.failures.append(what)
-      self.log(f'FAIL: {what}')
-    return ok
+    self.rng = random.Random(self.args.seed + 1)
+    self.inspector = fd.Inspector(parent.fields())
 
   def fields(self) -> dict:
     return fd.drill_overrides(self.data_dir, self.cache_dir, self.args.steps,
@@ -245,7 +232,10 @@ class MultiDrill:
     # The relaunch of the finished run finds its newest step corrupt: it must fall back
     # to the step before, say so, and train the last step again to the same result.
     out = {'file': os.path.relpath(target, step_dir), 'change': kind}
-    pair_stderr = self._relaunch_collect(workdir, f'corrupt_{kind}', out)
+    out['relaunch'] = self.run_to_end(f'corrupt_{kind}', workdir)
+    with open(os.path.join(self.logs, f'corrupt_{kind}.p0.stderr'), encoding='utf-8',
+              errors='replace') as f:
+      pair_stderr = f.read()
     out['detected'] = (f'step {last}' in pair_stderr and 'corrupt' in pair_stderr
                        and out['relaunch']['resumed_from'] == last - 1)
     quarantined = [n for n in os.listdir(os.path.join(workdir, 'checkpoints'))
@@ -255,12 +245,6 @@ class MultiDrill:
     self.check(out['ok'], f'corruption {kind}: {out}')
     self.log(f'corruption {kind}: {out}')
     return out
-
-  def _relaunch_collect(self, workdir: str, name: str, out: dict) -> str:
-    out['relaunch'] = self.run_to_end(name, workdir)
-    path = os.path.join(self.logs, f'{name}.p0.stderr')
-    with open(path, encoding='utf-8', errors='replace') as f:
-      return f.read()
 
   # -- all ----------------------------------------------------------------------
 
