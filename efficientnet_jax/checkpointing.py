@@ -13,6 +13,11 @@ directory is then renamed to `<step>/`. A save killed half-way therefore leaves
 only a `*.orbax-checkpoint-tmp` directory, which orbax never lists as a step
 (and replaces when that step is saved again). On GCS there is no rename; the
 step directory counts as finalized only once `commit_success.txt` exists.
+Retention deletes old steps the same way round: orbax renames a step to
+`.deleting/<step>` (`todelete_subdir`, one atomic rename) and this module
+empties `.deleting` after each save. Orbax's own deletion removes the files of
+`<step>/` in place (orbax-checkpoint 0.12.8, `_src/path/deleter.py`), so a kill
+during it would leave a half-deleted step that still lists as a checkpoint.
 The checks below walk the directory with `os`/`pathlib`, so workdirs must be
 on a local or mounted filesystem (not `gs://`).
 
@@ -46,6 +51,7 @@ import logging
 import math
 import os
 import pathlib
+import shutil
 import time
 import zlib
 from collections.abc import Mapping
@@ -61,6 +67,9 @@ from orbax.checkpoint._src.path import atomicity as ocp_atomicity
 logger = logging.getLogger(__name__)
 
 CheckpointManager = ocp.CheckpointManager
+
+# Where retention moves old steps before they are removed (not a step name).
+DELETING_DIR = '.deleting'
 
 # Metric that ranks checkpoints for `keep_best`; higher is better.
 BEST_METRIC = 'eval/top1'
@@ -264,7 +273,9 @@ def make_checkpoint_manager(
       # saved again; removing them at start-up is not worth a deletion path.
       cleanup_tmp_directories=False,
       temporary_path_class=_ManifestedTemporaryPath,
+      todelete_subdir=DELETING_DIR,
   )
+  _purge_deleted(directory)
   try:
     return ocp.CheckpointManager(
         directory, options=options, item_names=(_STATE, _META)
@@ -362,6 +373,20 @@ def wait(manager: CheckpointManager) -> None:
         f'Asynchronous save of step {pending} to {manager.directory} failed:'
         f' {type(e).__name__}: {_first_line(e)}'
     ) from e
+  _purge_deleted(pathlib.Path(manager.directory))
+
+
+def _purge_deleted(directory: pathlib.Path) -> None:
+  """Removes the steps retention moved to `.deleting` (primary process only).
+
+  Run between saves, when orbax's background thread is not renaming into it;
+  a kill half-way leaves only files under `.deleting`, removed next time.
+  """
+  trash = directory / DELETING_DIR
+  if jax.process_index() != 0 or not trash.is_dir():
+    return
+  for entry in trash.iterdir():
+    shutil.rmtree(entry, ignore_errors=True)
 
 
 def close(manager: CheckpointManager) -> None:

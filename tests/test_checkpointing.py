@@ -232,6 +232,31 @@ def test_without_keep_best_only_latest_are_kept(tmp_path):
   mngr.close()
 
 
+def test_retention_deletes_by_rename_and_a_killed_purge_is_finished(tmp_path):
+  # A kill while old steps are being removed must never leave a half-deleted
+  # step that still lists as a checkpoint: removal starts with one rename into
+  # `.deleting` (created by that rename), emptied after each save.
+  mngr = checkpointing.make_checkpoint_manager(
+      tmp_path, max_to_keep=1, keep_best=False, save_interval_steps=1
+  )
+  for step in (1, 2, 3):
+    _save(mngr, step)
+  checkpointing.wait(mngr)
+  trash = _ckpt_dir(mngr) / checkpointing.DELETING_DIR
+  assert trash.is_dir()
+  assert checkpointing.all_steps(mngr) == [3]
+  assert list(trash.iterdir()) == []
+  mngr.close()
+
+  # What a kill half-way through emptying `.deleting` leaves behind.
+  (trash / '2' / 'state').mkdir(parents=True)
+  (trash / '2' / 'state' / 'half_deleted').write_bytes(b'x')
+  mngr = checkpointing.make_checkpoint_manager(tmp_path, max_to_keep=1, save_interval_steps=1)
+  assert checkpointing.all_steps(mngr) == [3]
+  assert list(trash.iterdir()) == []
+  mngr.close()
+
+
 def test_interval_and_forced_save_mid_interval(tmp_path):
   """The SIGTERM path: save(force=True) + wait between two periodic saves."""
   mngr = checkpointing.make_checkpoint_manager(
