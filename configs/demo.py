@@ -4,13 +4,14 @@
 
 EfficientNet-B0 at width 0.5 / depth 0.5 (663,530 parameters, 4.2 M multiply-adds) on the
 28 px garments resized to 48 px (at 32 px the five stride-2 stages leave a 1x1 map and
-accuracy stalled near 88 %), RMSProp with TF1 semantics, cosine LR, EMA; 6 epochs of the
-60,000 training images. Stochastic depth is off: in 6 epochs this small net underfits (train
-accuracy ~ test accuracy), and with drop_connect 0.2 and 5 epochs it ended at 89.2 %.
+accuracy stalled near 88 %), RMSProp with TF1 semantics, cosine LR, EMA; 8 epochs of the
+60,000 training images at batch 128 (3,744 steps). Stochastic depth is off: this small net
+underfits (train accuracy ~ test accuracy). Batch 128 rather than 256: at an equal number of
+epochs the twice as many steps gain ~1.7 points (seed 0, `--config.num_epochs=10`: 91.80 % EMA
+test top-1 at batch 128, 90.06 % with `--config.batch_size=256`; 2-core Xeon, 2026-12-04).
 Hardware: any 2-core CPU machine, no internet; data from /usr/share/datasets/fashion-mnist.
-Expected (measured on the 2-core CPU machine, see README): 90.4 % test top-1 (EMA),
-13.1 min wall for `make demo` with the venv in place
-(581 img/s median training throughput), measured 2026-11-25 on an otherwise idle machine.
+Expected: README "Quick start" gives the 3-seed table (mean, spread, machine, date);
+different CPUs round differently, so a rerun lands within that spread, not on the digit.
 """
 
 from configs import base
@@ -41,11 +42,11 @@ def get_config(arg=None):
   config.data.solarize_quirk = False
   config.model.dropout = 0.1
   config.model.drop_connect = 0.0
-  config.batch_size = 256
+  config.batch_size = 128
   config.eval_batch_size = 512
-  config.num_epochs = 6.0
+  config.num_epochs = 8.0
   config.optimizer = 'rmsprop'
-  config.base_lr = 0.032  # peak 0.032 at batch 256 (linear scaling rule)
+  config.base_lr = 0.032  # per 256 images (linear scaling rule): peak 0.016 at batch 128
   config.lr_schedule = 'cosine'
   config.warmup_epochs = 0.3
   config.ema_decay = 0.999

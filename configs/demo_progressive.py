@@ -5,10 +5,9 @@
 Hardware: any 2-core CPU machine, no internet; data from /usr/share/datasets/fashion-mnist.
 Expected (measured on the shared 2-core CPU machine, load 10-25, see README): stage switches
 with stall_s 0.24, 0.13 and 0.15 s (36, 42, 48 px) while the next step compiled for 129-243 s on the
-worker thread; with aot_compile=False each switch stalled 120-227 s. Final accuracy of the
-5-epoch run still to be recorded; the 1-epoch run reached 73.2 % EMA test top-1.
+worker thread; with aot_compile=False each switch stalled 120-227 s.
 
-configs/demo.py (5 epochs, evaluated at 48 px) trained in 4 stages of 1.25 epochs at
+configs/demo.py (8 epochs at batch 128, evaluated at 48 px) trained in 4 stages of 2 epochs at
 30, 36, 42 and 48 px, by the paper's rule (linear from min in the first stage to max in
 the last) with mixup 0 -> 0.1 and dropout 0.05 -> 0.15 growing alongside. No RandAugment:
 its colour ops (invert, solarize, equalize) wreck grey garments, and with RandAugment
