@@ -279,6 +279,11 @@ def test_studies_take_the_preset_seeds_and_name_their_comparisons():
   assert (progressive.seeds, progressive.comparisons) == (
       3, [('progressive', 'fixed'), ('progressive_size', 'fixed')])
   assert progressive.extra_metrics[0].lower_is_better
+  # Every stage keeps a 3x3 final map (30 px, the old smallest stage, left 1x1).
+  smallest = {p.name: p.overrides.get('progressive.image_size_min', p.overrides.get(
+      'image_size', p.overrides['model.resolution'])) for p in progressive.points}
+  assert min(smallest.values()) == 72
+  assert [progressive_study.final_map(s) for s in (30, 48, 65, 72, 96)] == [1, 2, 3, 3, 3]
   with pytest.raises(ValueError, match="point 'a' sets seed"):
     harness.Study('x', dict, [harness.Point('a', {'seed': 1})])
   with pytest.raises(ValueError, match=r"comparisons name unknown points \['b'\]"):

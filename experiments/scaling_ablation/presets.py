@@ -91,15 +91,19 @@ def smoke_config():
 
 
 def small_config():
-  """configs/demo.py (Fashion-MNIST, float32, cosine LR, EMA 0.999) cut to half an epoch.
+  """configs/demo.py's recipe (Fashion-MNIST, batch 128, RMSProp, cosine LR, EMA 0.999), 3 epochs.
 
-  0.5 epoch at batch 256 = 117 steps, then one eval on the 10k test split.
-  Short because every point compiles a new network (1-1.5 min on the loaded
-  2-core machine); `--set=num_epochs=2` trains longer.
+  3 epochs at batch 128 = 1,404 steps, an eval after each epoch on the 10k test
+  split. Long enough that the cosine schedule, not the step budget, ends the
+  run (the last epoch's gain is in each study's eval curve) and that the
+  warm-up (0.3 epoch) is a small part of it: the former 0.5-epoch preset left
+  wide networks mid-warm-up and one network scored 80.2 % and 71.2 % in two
+  runs that differed only by rounding.
   """
   config = demo_config.get_config()
-  config.num_epochs = 0.5
-  config.checkpoint_every_steps = 200
+  config.batch_size = 128
+  config.num_epochs = 3.0
+  config.checkpoint_every_steps = 500
   return config
 
 
