@@ -267,7 +267,7 @@ def test_studies_take_the_preset_seeds_and_name_their_comparisons():
     assert studies.make_study(name, small).seeds == 3
     assert studies.make_study(name, smoke).seeds == 1
   svc = studies.make_study('single_vs_compound', small)
-  assert svc.metric == 'raw_top1'
+  assert svc.metric == 'top1'
   assert svc.comparisons == [(f'compound_x{b:g}', f'{f}_x{b:g}') for b in small.budgets
                              for f in ('depth', 'width', 'resolution')]
   assert baselines_study.make_study('small').comparisons == svc.comparisons
