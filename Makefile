@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 FASHION_MNIST_DIR ?= /usr/share/datasets/fashion-mnist
 PYTEST_ARGS ?=
 
-.PHONY: venv data lint test test-slow demo demo-seeds model-table clean
+.PHONY: venv data lint test test-slow demo demo-seeds bench-peers model-table clean
 
 # The stamp is newer than requirements.txt once the pins are installed.
 $(VENV)/.installed: requirements.txt pyproject.toml
@@ -41,8 +41,20 @@ demo: venv data
 demo-seeds: venv data
 	$(PY) scripts/demo_seeds.py
 
+# The CPU benchmark against its peers. PyTorch (CPU build) + timm are installed into .peers/,
+# outside the venv: peers to measure against, never dependencies. Where the registry serves
+# CUDA builds, add PEER_PIP_ARGS=--index-url=https://download.pytorch.org/whl/cpu.
+PEER_PIP_ARGS ?=
+.peers/.installed:
+	$(PY) -m pip install --quiet --target .peers $(PEER_PIP_ARGS) torch==2.13.0
+	$(PY) -m pip install --quiet --target .peers --no-deps timm==1.0.31
+	touch $@
+
+bench-peers: venv .peers/.installed
+	$(PY) scripts/benchmark.py --systems ours,keras_tf,torch --rounds 4 --steps 2 --json
+
 model-table: venv
 	$(PY) -m efficientnet_jax.model_table
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) .peers runs .pytest_cache

@@ -78,6 +78,9 @@ TIMM_NAMES = {f'b{i}': f'efficientnet_b{i}' for i in range(8)}
 TIMM_NAMES.update({'v2_s': 'tf_efficientnetv2_s', 'v2_m': 'tf_efficientnetv2_m',
                    'v2_l': 'tf_efficientnetv2_l'})
 TIMM_NAMES.update({f'v2_b{i}': f'tf_efficientnetv2_b{i}' for i in range(4)})
+# `make bench-peers` installs PyTorch (CPU) + timm here, outside the venv: a peer to
+# measure against, never a dependency, and the tests run without it as CI does.
+PEERS_DIR = os.path.join(ROOT, '.peers')
 
 
 # ----------------------------------------------------------------------------- system specs
@@ -355,13 +358,74 @@ class KerasRunner(Runner):
         self.model.predict_on_batch(self._xe)
 
 
+def _import_torch_peer():
+  """torch and timm, from the venv or else from `.peers/` (`make bench-peers`)."""
+  if os.path.isdir(PEERS_DIR) and PEERS_DIR not in sys.path:
+    sys.path.append(PEERS_DIR)  # appended: the venv's own packages win
+  try:
+    import torch
+  except ImportError as e:
+    raise ImportError('PyTorch is not installed; `make bench-peers` installs it and timm '
+                      f'into {PEERS_DIR}') from e
+  try:
+    import torchvision  # noqa: F401
+  except ImportError:
+    _stand_in_for_torchvision()
+  import timm
+  return torch, timm
+
+
+def _stand_in_for_torchvision() -> None:
+  """Placeholder `torchvision.*` modules, enough for `import timm`.
+
+  timm imports transforms, `InterpolationMode` and `FrozenBatchNorm2d` from
+  torchvision at import time; its EfficientNet models use none of them. The
+  registry's torchvision wheels are built against other torch builds than the
+  CPU wheel, so none is installed.
+  """
+  import enum
+  import importlib.abc
+  import importlib.machinery
+  import types
+
+  class InterpolationMode(enum.Enum):
+    NEAREST, BILINEAR, BICUBIC = 'nearest', 'bilinear', 'bicubic'
+    BOX, HAMMING, LANCZOS = 'box', 'hamming', 'lanczos'
+
+  class Placeholder:
+    def __init__(self, *args, **kwargs):
+      del args, kwargs
+
+  class PlaceholderModule(types.ModuleType):
+    def __getattr__(self, name):
+      if name.startswith('__'):
+        raise AttributeError(name)
+      return InterpolationMode if name == 'InterpolationMode' else Placeholder
+
+  class Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    def find_spec(self, name, path=None, target=None):
+      del path, target
+      if name.split('.')[0] != 'torchvision':
+        return None
+      return importlib.machinery.ModuleSpec(name, self, is_package=True)
+
+    def create_module(self, spec):
+      module = PlaceholderModule(spec.name)
+      module.__path__ = []
+      return module
+
+    def exec_module(self, module):
+      del module
+
+  sys.meta_path.insert(0, Finder())
+
+
 class TorchRunner(Runner):
   """timm model, channels_last, eager (PyTorch's fastest CPU training mode)."""
 
   def setup(self, cfg, modes):
     import numpy as np
-    import timm
-    import torch
+    torch, timm = _import_torch_peer()
     threads = int(cfg['options'].get('threads', 0))
     if threads:
       torch.set_num_threads(threads)
