@@ -115,8 +115,12 @@ class Preemption:
     return self
 
   def _handle(self, signum, frame):
-    del signum, frame
     self.requested = True
+    # An outer Python handler (a driver running several trainings, e.g. the
+    # experiments harness) hears it too: a SIGTERM that lands after the last
+    # step, when this loop no longer stops, must still stop the driver.
+    if callable(self._previous):
+      self._previous(signum, frame)
 
   def stop_at(self, step: int) -> bool:
     """Whether to save and stop before `step`; called at every step, in order, on every process."""

@@ -33,6 +33,7 @@ import dataclasses
 import functools
 import json
 import os
+import signal
 import platform
 import shutil
 import sys
@@ -364,6 +365,29 @@ def _run_one(study: Study, study_dir: str, point: Point, seed: int, prefix: str,
   return run_point(study, point, seed, workdir, **run_args)
 
 
+class _StopRequest:
+  """Remembers a SIGTERM for the whole study; `train.run`'s own handler passes it on."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
 def run_study(study: Study, root: str, *, shard: tuple[int, int] = (0, 1),
               names: Sequence[str] = (), collect_only: bool = False,
               extra: Mapping[str, Any] | None = None, num_devices: int = 0,
@@ -382,17 +406,21 @@ def run_study(study: Study, root: str, *, shard: tuple[int, int] = (0, 1),
   began = time.perf_counter()
   trained = 0
   run_args = {'extra': extra, 'num_devices': num_devices}
-  for i, (point, seed) in enumerate(todo):
-    prefix = f'[{study.name} {i + 1}/{len(todo)}] {point.name}/seed{seed}'
-    result = _run_one(study, study_dir, point, seed, prefix, run_args, log)
-    if result is None:
-      continue
-    trained += 1
-    elapsed = time.perf_counter() - began
-    left = len(todo) - i - 1
-    log(f'{prefix}: top1 {result["top1"]:.4f} (raw {result["raw_top1"]:.4f}), '
-        f'{result["macs"] / 1e6:.2f} M MACs, {result["train_wall_s"]:.0f} s; '
-        f'{left} left, about {elapsed / trained * left / 60:.1f} min; rss {_rss_gb():.2f} GB')
+  with _StopRequest() as stop:
+    for i, (point, seed) in enumerate(todo):
+      prefix = f'[{study.name} {i + 1}/{len(todo)}] {point.name}/seed{seed}'
+      if stop.requested:  # SIGTERM after a run's last step, or between runs
+        raise Preempted(f'SIGTERM; stopped before {point.name}/seed{seed}; run the same '
+                        'command again to continue')
+      result = _run_one(study, study_dir, point, seed, prefix, run_args, log)
+      if result is None:
+        continue
+      trained += 1
+      elapsed = time.perf_counter() - began
+      left = len(todo) - i - 1
+      log(f'{prefix}: top1 {result["top1"]:.4f} (raw {result["raw_top1"]:.4f}), '
+          f'{result["macs"] / 1e6:.2f} M MACs, {result["train_wall_s"]:.0f} s; '
+          f'{left} left, about {elapsed / trained * left / 60:.1f} min; rss {_rss_gb():.2f} GB')
   rows = collect(study, root)
   log(f'[{study.name}] {len(rows)}/{len(study.points) * study.seeds} runs '
       f'({len(study.points)} points × {study.seeds} seeds) finished; outputs in {study_dir}')

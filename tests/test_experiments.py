@@ -9,6 +9,7 @@ import dataclasses
 import json
 import os
 import shutil
+import signal
 
 import jax
 import pytest
@@ -211,6 +212,27 @@ def fake_runs(monkeypatch):
 
   monkeypatch.setattr(harness, 'run_point', run_point)
   return calls
+
+
+def test_sigterm_after_a_runs_last_step_stops_the_study(tmp_path, fake_runs):
+  # train.run's handler sees a SIGTERM during its final eval/save but no longer
+  # stops; it passes the signal on, and the study stops before its next run.
+  from efficientnet_jax import runtime  # pylint: disable=g-import-not-at-top
+  study = _toy_study(seeds=1)
+  real_run_point = harness.run_point
+
+  def run_point_then_sigterm(*args, **kwargs):
+    with runtime.Preemption() as preemption:
+      os.kill(os.getpid(), signal.SIGTERM)
+    assert preemption.requested
+    return real_run_point(*args, **kwargs)
+
+  harness.run_point = run_point_then_sigterm  # fake_runs' monkeypatch restores it
+  before = signal.getsignal(signal.SIGTERM)
+  with pytest.raises(harness.Preempted, match='stopped before p1/seed0'):
+    harness.run_study(study, str(tmp_path), log=lambda _: None)
+  assert fake_runs == [('p0', 0)]
+  assert signal.getsignal(signal.SIGTERM) == before
 
 
 def test_seeds_train_skip_resume_and_refuse_per_seed(tmp_path, fake_runs):
