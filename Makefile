@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 FASHION_MNIST_DIR ?= /usr/share/datasets/fashion-mnist
 PYTEST_ARGS ?=
 
-.PHONY: venv data lint test test-slow demo demo-seeds bench-peers model-table clean
+.PHONY: venv data kernels lint test test-slow demo demo-seeds bench-peers model-table clean
 
 # The stamp is newer than requirements.txt once the pins are installed.
 $(VENV)/.installed: requirements.txt pyproject.toml
@@ -25,7 +25,19 @@ data:
 	  { echo "installing Debian package dataset-fashion-mnist"; \
 	    apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; }
 
-test: venv data lint
+# oneDNN's depthwise conv for XLA:CPU (efficientnet_jax/model/dnnl.py), built against Debian's
+# libdnnl-dev and jaxlib's FFI headers. Optional: where it cannot be built (no root for apt-get,
+# no g++) the model keeps its pure-JAX kernels and the tests that need it skip.
+DNNL_SO := efficientnet_jax/model/_dnnl_depthwise.so
+$(DNNL_SO): efficientnet_jax/model/dnnl_depthwise.cc $(VENV)/.installed
+	@test -f /usr/include/dnnl.hpp || { echo "installing Debian package libdnnl-dev"; \
+	  apt-get update -qq && apt-get install -y -qq libdnnl-dev; } || true
+	-g++ -O2 -std=c++17 -shared -fPIC -Wno-attributes -Wno-return-type \
+	  -I$$($(PY) -c 'import jax; print(jax.ffi.include_dir())') $< -ldnnl -o $@
+
+kernels: $(DNNL_SO)
+
+test: venv data kernels lint
 	$(PY) -m pytest -q -n 2 tests $(PYTEST_ARGS)
 
 lint: venv
@@ -57,4 +69,4 @@ model-table: venv
 	$(PY) -m efficientnet_jax.model_table
 
 clean:
-	rm -rf $(VENV) .peers runs .pytest_cache
+	rm -rf $(VENV) .peers runs .pytest_cache $(DNNL_SO)

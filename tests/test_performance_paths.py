@@ -22,6 +22,7 @@ from efficientnet_jax import steps
 from efficientnet_jax.model import architectures
 from efficientnet_jax import cpu_tuning
 from efficientnet_jax.model import blocks
+from efficientnet_jax.model import dnnl
 from efficientnet_jax.model import kernels
 from efficientnet_jax import optim
 from efficientnet_jax.model import remat as remat_lib
@@ -30,6 +31,7 @@ from efficientnet_jax.model import stack_block_variables, unstack_block_variable
 
 RTOL = 1e-5
 SLOW = dict(depthwise_impl='grouped', conv_impl='conv', bn_impl='flax')
+NEEDS_DNNL = pytest.mark.skipif(not dnnl.available(), reason='`make kernels` did not build oneDNN')
 
 
 def _tiny(name, stages=3, **changes):
@@ -87,6 +89,37 @@ def test_shifted_depthwise_custom_vjp_matches_autodiff_and_grouped(kernel, strid
            for k, f in fns.items()}
   _assert_close(grads['custom'], grads['autodiff'])
   _assert_close(grads['custom'], grads['grouped'])
+
+
+@NEEDS_DNNL
+@pytest.mark.parametrize('kernel,stride,size,padding', [
+    (3, 1, 8, 'same'), (3, 2, 8, 'same'), (3, 2, 9, 'same'), (5, 2, 9, 'same'),
+    (5, 1, 7, 'symmetric'), (3, 2, 7, 'symmetric'), (5, 2, 12, 'same'), (5, 2, 6, 'same')])
+def test_dnnl_depthwise_matches_grouped(kernel, stride, size, padding):
+  x = jax.random.normal(jax.random.key(0), (3, size, size + 1, 5))
+  w = jax.random.normal(jax.random.key(1), (kernel, kernel, 1, 5))
+  pads = [blocks.conv_padding(size, kernel, stride, padding),
+          blocks.conv_padding(size + 1, kernel, stride, padding)]
+  fns = {impl: jax.jit(lambda x, w, impl=impl: kernels.depthwise_conv(x, w, stride, pads, impl))
+         for impl in ('dnnl', 'grouped')}
+  _assert_close(fns['dnnl'](x, w), fns['grouped'](x, w))
+  grads = {k: jax.jit(jax.grad(lambda x, w, f=f: jnp.sum(jnp.sin(f(x, w)) * x.sum()),
+                               argnums=(0, 1)))(x, w) for k, f in fns.items()}
+  _assert_close(grads['dnnl'], grads['grouped'])
+  # oneDNN's optimised kernels serve B0's shapes, not its reference loops.
+  for kind in ('fwd', 'bwd_data', 'bwd_weights'):
+    info = dnnl.impl_info((32, 56, 56, 144), 3, stride, ((1, 1), (1, 1)), kind)
+    assert 'ref' not in info and 'error' not in info, (kind, info)
+
+
+def test_dnnl_depthwise_is_refused_with_the_fix_where_it_cannot_run(monkeypatch):
+  monkeypatch.setattr(dnnl, 'available', lambda: False)
+  with pytest.raises(ValueError, match=r"depthwise='dnnl' needs .*_dnnl_depthwise.so: run "
+                                       r'`make kernels`'):
+    kernels.resolve_depthwise_impl('dnnl')
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  with pytest.raises(ValueError, match="depthwise='dnnl' is a CPU kernel; this backend is gpu"):
+    kernels.resolve_depthwise_impl('dnnl')
 
 
 def test_shifted_depthwise_bfloat16_keeps_dtypes():
@@ -200,26 +233,31 @@ def _train_outputs(model, variables, x, rng=None):
   return value, upd, grads
 
 
-@pytest.mark.parametrize('name', ['b0', 'lite0', 'v2_b0'])
-def test_cpu_defaults_match_reference_paths(name):
+@pytest.mark.parametrize('name,fast_kwargs,rtol', [
+    ('b0', {}, RTOL), ('lite0', {}, RTOL), ('v2_b0', {}, RTOL),
+    # oneDNN's kernels sum in their own order; training-mode BN over 64 values
+    # amplifies that round-off to ~1e-5 of the loss.
+    pytest.param('b0', {'depthwise_impl': 'dnnl'}, 3 * RTOL, marks=NEEDS_DNNL)])
+def test_cpu_defaults_match_reference_paths(name, fast_kwargs, rtol):
   # drop_connect and dropout off: the two paths then compute the same function.
   # Batch 4 at 32 px over 3 stages keeps every BN over >= 64 values: with BN over
   # 8 values (batch 2, a 2x2 map) fp32 round-off alone reaches 2e-5 of the gradient.
   spec = _tiny(name, drop_connect=0.0, dropout=0.0)
   x = jax.random.normal(jax.random.key(0), (4, 32, 32, 3))
   ref = create_model(spec, num_classes=10, **SLOW)
-  fast = create_model(spec, num_classes=10)  # 'auto' everything: the fast paths on CPU
+  # 'auto' everything: the fast paths on CPU
+  fast = create_model(spec, num_classes=10, **fast_kwargs)
   variables = jax.jit(ref.init)(jax.random.key(1), x)
   fast_vars = jax.jit(fast.init)(jax.random.key(1), x)
   # Same parameter tree and the same initial values.
   assert jax.tree.structure(fast_vars) == jax.tree.structure(variables)
   assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.all(a == b)), fast_vars, variables))
-  _assert_close(jax.jit(fast.apply)(variables, x), jax.jit(ref.apply)(variables, x))
+  _assert_close(jax.jit(fast.apply)(variables, x), jax.jit(ref.apply)(variables, x), rtol)
   loss_f, stats_f, grads_f = _train_outputs(fast, variables, x)
   loss_r, stats_r, grads_r = _train_outputs(ref, variables, x)
-  _assert_close(loss_f, loss_r)
-  _assert_close(stats_f, stats_r)
-  _assert_close(grads_f, grads_r)
+  _assert_close(loss_f, loss_r, rtol)
+  _assert_close(stats_f, stats_r, rtol)
+  _assert_close(grads_f, grads_r, rtol)
 
 
 def test_cpu_train_opt_level_compiles_the_same_train_step():

@@ -17,7 +17,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-DEPTHWISE_IMPLS = ('auto', 'grouped', 'shifted')
+from efficientnet_jax.model import dnnl
+
+DEPTHWISE_IMPLS = ('auto', 'grouped', 'shifted', 'dnnl')
 CONV_IMPLS = ('auto', 'conv', 'matmul')
 BN_IMPLS = ('auto', 'flax', 'fused')
 
@@ -38,8 +40,18 @@ def resolve_conv_impl(impl: str) -> str:
 
 
 def resolve_depthwise_impl(impl: str) -> str:
-  """'auto' picks shifted multiply-adds on CPU (XLA:CPU's grouped convs are slow), else grouped."""
-  return _resolve_impl('depthwise', impl, DEPTHWISE_IMPLS, cpu='shifted', native='grouped')
+  """'auto' picks shifted multiply-adds on CPU (XLA:CPU's grouped convs are slow), else grouped.
+
+  'dnnl' (oneDNN through `jax.ffi`, CPU, float32) needs the library `make kernels` builds.
+  """
+  resolved = _resolve_impl('depthwise', impl, DEPTHWISE_IMPLS, cpu='shifted', native='grouped')
+  if resolved == 'dnnl' and jax.default_backend() != 'cpu':
+    raise ValueError(f"depthwise='dnnl' is a CPU kernel; this backend is "
+                     f"{jax.default_backend()}: use 'auto'")
+  if resolved == 'dnnl' and not dnnl.available():
+    raise ValueError(f"depthwise='dnnl' needs {dnnl.LIBRARY}: run `make kernels` (g++ and "
+                     "Debian's libdnnl-dev), or use 'auto'")
+  return resolved
 
 
 def resolve_bn_impl(impl: str) -> str:
@@ -187,13 +199,17 @@ def depthwise_conv(x, kernel, stride: int, pads, impl: str):
   writes it as k*k strided slices times per-channel weights, with a hand
   written backward pass (see `_shifted_bwd`); XLA:CPU runs it several times
   faster than the grouped conv, forward and backward, with equal values.
+  'dnnl' calls oneDNN's primitives (`dnnl.py`) for float32; other dtypes take
+  the shifted path.
   """
+  pads_static = tuple(tuple(int(p) for p in pad) for pad in pads)
+  if impl == 'dnnl' and x.dtype == jnp.float32 and kernel.dtype == jnp.float32:
+    return dnnl.depthwise_conv(x, kernel, stride, pads_static)
   if impl == 'grouped':
     return jax.lax.conv_general_dilated(
         x, kernel, (stride, stride), pads, dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
         feature_group_count=x.shape[-1])
-  pads = tuple(tuple(int(p) for p in pad) for pad in pads)  # hashable: a static argument
-  return _shifted(x, kernel, stride, pads)
+  return _shifted(x, kernel, stride, pads_static)  # hashable pads: a static argument
 
 
 def activation_fn(name: str) -> Callable:
