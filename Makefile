@@ -28,8 +28,8 @@ data:
 # oneDNN's depthwise conv for XLA:CPU (efficientnet_jax/model/dnnl.py), built against Debian's
 # libdnnl-dev and jaxlib's FFI headers. Optional: where it cannot be built (no root for apt-get,
 # no g++) the model keeps its pure-JAX kernels and the tests that need it skip.
-DNNL_SO := efficientnet_jax/model/_dnnl_depthwise.so
-$(DNNL_SO): efficientnet_jax/model/dnnl_depthwise.cc $(VENV)/.installed
+DNNL_SO := efficientnet_jax/model/_dnnl_conv.so
+$(DNNL_SO): efficientnet_jax/model/dnnl_conv.cc $(VENV)/.installed
 	@test -f /usr/include/dnnl.hpp || { echo "installing Debian package libdnnl-dev"; \
 	  apt-get update -qq && apt-get install -y -qq libdnnl-dev; } || true
 	-g++ -O2 -std=c++17 -shared -fPIC -Wno-attributes -Wno-return-type \

@@ -108,15 +108,17 @@ def test_dnnl_depthwise_matches_grouped(kernel, stride, size, padding):
   _assert_close(grads['dnnl'], grads['grouped'])
   # oneDNN's optimised kernels serve B0's shapes, not its reference loops.
   for kind in ('fwd', 'bwd_data', 'bwd_weights'):
-    info = dnnl.impl_info((32, 56, 56, 144), 3, stride, ((1, 1), (1, 1)), kind)
+    info = dnnl.impl_info((32, 56, 56, 144), (3, 3, 1, 144), stride, ((1, 1), (1, 1)), kind)
     assert 'ref' not in info and 'error' not in info, (kind, info)
 
 
-def test_dnnl_depthwise_is_refused_with_the_fix_where_it_cannot_run(monkeypatch):
+def test_dnnl_is_refused_with_the_fix_where_it_cannot_run(monkeypatch):
   monkeypatch.setattr(dnnl, 'available', lambda: False)
-  with pytest.raises(ValueError, match=r"depthwise='dnnl' needs .*_dnnl_depthwise.so: run "
+  with pytest.raises(ValueError, match=r"depthwise='dnnl' needs .*_dnnl_conv.so: run "
                                        r'`make kernels`'):
     kernels.resolve_depthwise_impl('dnnl')
+  with pytest.raises(ValueError, match=r"conv_impl='dnnl' needs .*_dnnl_conv.so"):
+    kernels.resolve_conv_impl('dnnl')
   monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
   with pytest.raises(ValueError, match="depthwise='dnnl' is a CPU kernel; this backend is gpu"):
     kernels.resolve_depthwise_impl('dnnl')
@@ -147,9 +149,10 @@ class _Conv(nn.Module):
 
 @pytest.mark.parametrize('kernel,stride,channels,size', [
     (1, 1, 6, 5), (3, 2, 3, 9), (3, 2, 3, 8), (3, 1, 4, 7), (3, 2, 12, 9), (5, 2, 10, 11)])
-def test_matmul_conv_matches_nn_conv(kernel, stride, channels, size):
+@pytest.mark.parametrize('impl', ['matmul', pytest.param('dnnl', marks=NEEDS_DNNL)])
+def test_fast_convs_match_nn_conv(kernel, stride, channels, size, impl):
   x = jax.random.normal(jax.random.key(0), (2, size, size, channels))
-  ref, fast = _Conv(7, kernel, stride, 'conv'), _Conv(7, kernel, stride, 'matmul')
+  ref, fast = _Conv(7, kernel, stride, 'conv'), _Conv(7, kernel, stride, impl)
   variables = ref.init(jax.random.key(1), x)
   fast_vars = fast.init(jax.random.key(1), x)
   assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.all(a == b)), fast_vars, variables))
@@ -237,7 +240,9 @@ def _train_outputs(model, variables, x, rng=None):
     ('b0', {}, RTOL), ('lite0', {}, RTOL), ('v2_b0', {}, RTOL),
     # oneDNN's kernels sum in their own order; training-mode BN over 64 values
     # amplifies that round-off to ~1e-5 of the loss.
-    pytest.param('b0', {'depthwise_impl': 'dnnl'}, 3 * RTOL, marks=NEEDS_DNNL)])
+    pytest.param('b0', {'depthwise_impl': 'dnnl'}, 3 * RTOL, marks=NEEDS_DNNL),
+    pytest.param('b0', {'depthwise_impl': 'dnnl', 'conv_impl': 'dnnl'}, 3 * RTOL,
+                 marks=NEEDS_DNNL)])
 def test_cpu_defaults_match_reference_paths(name, fast_kwargs, rtol):
   # drop_connect and dropout off: the two paths then compute the same function.
   # Batch 4 at 32 px over 3 stages keeps every BN over >= 64 values: with BN over

@@ -9,6 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from efficientnet_jax.model import dnnl
 from efficientnet_jax.model import kernels
 from efficientnet_jax.model.architectures import Block
 
@@ -63,10 +64,11 @@ def conv(x, features: int, kernel: int = 1, stride: int = 1, *, padding: str = '
   parameters: the kernel is always `name/kernel` of shape (k, k, in, out).
   """
   pads = _pads(x, kernel, stride, padding)
-  if kernels.resolve_conv_impl(impl) == 'conv':
+  impl = kernels.resolve_conv_impl(impl)
+  if impl == 'conv':
     return nn.Conv(features, (kernel, kernel), (stride, stride), padding=pads, use_bias=False,
                    dtype=dtype, kernel_init=conv_kernel_init(), name=name)(x)
-  return MatmulConv(features, kernel, stride, tuple(map(tuple, pads)), dtype, name=name)(x)
+  return MatmulConv(features, kernel, stride, tuple(map(tuple, pads)), dtype, impl, name=name)(x)
 
 
 class MatmulConv(nn.Module):
@@ -76,19 +78,23 @@ class MatmulConv(nn.Module):
   an HxW window over transposed copies of the activations, ~3-5x slower than
   the plain (pixels, in)^T @ (pixels, out) product a dot gets. A KxK conv with
   few input channels becomes im2col + dot; other KxK convs stay nn.Conv-like
-  (lax.conv_general_dilated) with the same kernel.
+  (lax.conv_general_dilated) with the same kernel. impl='dnnl' calls oneDNN's
+  convolution instead (float32; other dtypes take the matmul path).
   """
   features: int
   kernel: int
   stride: int
   pads: tuple
   dtype: Dtype = jnp.float32
+  impl: str = 'matmul'
 
   @nn.compact
   def __call__(self, x):
     k, c = self.kernel, x.shape[-1]
     kernel = self.param('kernel', conv_kernel_init(), (k, k, c, self.features), jnp.float32)
     x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+    if self.impl == 'dnnl' and x.dtype == jnp.float32:
+      return dnnl.conv(x, kernel, self.stride, self.pads)
     return kernels.matmul_conv(x, kernel, self.stride, self.pads)
 
 

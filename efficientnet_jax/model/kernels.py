@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from efficientnet_jax.model import dnnl
 
 DEPTHWISE_IMPLS = ('auto', 'grouped', 'shifted', 'dnnl')
-CONV_IMPLS = ('auto', 'conv', 'matmul')
+CONV_IMPLS = ('auto', 'conv', 'matmul', 'dnnl')
 BN_IMPLS = ('auto', 'flax', 'fused')
 
 
@@ -35,8 +35,12 @@ def _resolve_impl(field: str, impl: str, accepted: tuple[str, ...], *, cpu: str,
 
 
 def resolve_conv_impl(impl: str) -> str:
-  """'auto' picks 'matmul' on CPU (see `MatmulConv`), the native conv elsewhere."""
-  return _resolve_impl('conv_impl', impl, CONV_IMPLS, cpu='matmul', native='conv')
+  """'auto' picks 'matmul' on CPU (see `MatmulConv`), the native conv elsewhere.
+
+  'dnnl' (oneDNN through `jax.ffi`, CPU, float32) needs the library `make kernels` builds.
+  """
+  return _check_dnnl('conv_impl',
+                     _resolve_impl('conv_impl', impl, CONV_IMPLS, cpu='matmul', native='conv'))
 
 
 def resolve_depthwise_impl(impl: str) -> str:
@@ -45,13 +49,17 @@ def resolve_depthwise_impl(impl: str) -> str:
   'dnnl' (oneDNN through `jax.ffi`, CPU, float32) needs the library `make kernels` builds.
   """
   resolved = _resolve_impl('depthwise', impl, DEPTHWISE_IMPLS, cpu='shifted', native='grouped')
-  if resolved == 'dnnl' and jax.default_backend() != 'cpu':
-    raise ValueError(f"depthwise='dnnl' is a CPU kernel; this backend is "
+  return _check_dnnl('depthwise', resolved)
+
+
+def _check_dnnl(field: str, impl: str) -> str:
+  if impl == 'dnnl' and jax.default_backend() != 'cpu':
+    raise ValueError(f"{field}='dnnl' is a CPU kernel; this backend is "
                      f"{jax.default_backend()}: use 'auto'")
-  if resolved == 'dnnl' and not dnnl.available():
-    raise ValueError(f"depthwise='dnnl' needs {dnnl.LIBRARY}: run `make kernels` (g++ and "
+  if impl == 'dnnl' and not dnnl.available():
+    raise ValueError(f"{field}='dnnl' needs {dnnl.LIBRARY}: run `make kernels` (g++ and "
                      "Debian's libdnnl-dev), or use 'auto'")
-  return resolved
+  return impl
 
 
 def resolve_bn_impl(impl: str) -> str:
@@ -204,7 +212,7 @@ def depthwise_conv(x, kernel, stride: int, pads, impl: str):
   """
   pads_static = tuple(tuple(int(p) for p in pad) for pad in pads)
   if impl == 'dnnl' and x.dtype == jnp.float32 and kernel.dtype == jnp.float32:
-    return dnnl.depthwise_conv(x, kernel, stride, pads_static)
+    return dnnl.conv(x, kernel, stride, pads_static)
   if impl == 'grouped':
     return jax.lax.conv_general_dilated(
         x, kernel, (stride, stride), pads, dimension_numbers=('NHWC', 'HWIO', 'NHWC'),

@@ -1,17 +1,19 @@
-// Depthwise convolution on CPU through oneDNN, as XLA FFI custom calls.
+// Convolutions on CPU through oneDNN, as XLA FFI custom calls: depthwise (groups = C)
+// and ordinary (groups = 1) ones.
 //
 // Built by `make kernels` (g++, Debian's libdnnl-dev, jax.ffi.include_dir()) into
-// _dnnl_depthwise.so next to this file; `kernels.py` loads it when present. Three
-// handlers, float32, NHWC activations and the (k, k, 1, C) kernel of the JAX model:
-//   DnnlDepthwiseFwd         y  = conv(x, w)
-//   DnnlDepthwiseBwdData     dx = d conv / dx applied to dy
-//   DnnlDepthwiseBwdWeights  dw = d conv / dw applied to dy
-// A depthwise conv is a grouped conv with groups = C and one input and one output
-// channel per group; in oneDNN's logical (g, o, i, h, w) order the kernel's memory
-// (h, w, 1, C) is the `hwigo` layout. oneDNN picks its own weights layout (`any`; with
-// `hwigo` itself it falls back to im2col + GEMM), so the small kernel is reordered on
-// the way in and its gradient on the way out; activations stay NHWC. Primitives are
-// created once per shape and cached (creating one costs far more than running it).
+// _dnnl_conv.so next to this file; `dnnl.py` loads it when present. Three handlers,
+// float32, NHWC activations and the JAX model's HWIO kernel, (k, k, 1, C) for a
+// depthwise conv and (k, k, Cin, Cout) otherwise (the groups follow from the shapes):
+//   DnnlConvFwd         y  = conv(x, w)
+//   DnnlConvBwdData     dx = d conv / dx applied to dy
+//   DnnlConvBwdWeights  dw = d conv / dw applied to dy
+// In oneDNN's logical (g, o, i, h, w) order a depthwise kernel's memory (h, w, 1, C) is
+// the `hwigo` layout, and an ordinary kernel (o, i, h, w) is `hwio`. oneDNN picks its
+// own weights layout (`any`: with `hwigo` itself it falls back to im2col + GEMM), so the
+// small kernel is reordered on the way in and its gradient on the way out; activations
+// stay NHWC. Primitives are created once per shape and cached (creating one costs far
+// more than running it).
 
 #include <cstdint>
 #include <map>
@@ -32,17 +34,23 @@ using dnnl::memory;
 using Tag = memory::format_tag;
 
 struct Geometry {
-  int64_t n, h, w, c, k, oh, ow, stride, pt, pb, pl, pr;
+  int64_t n, h, w, c, co, k, oh, ow, stride, pt, pb, pl, pr;
+  int64_t groups_;
   std::string Key(int kind) const {
-    return std::to_string(kind) + ":" + std::to_string(n) + "," + std::to_string(h) + "," +
-           std::to_string(w) + "," + std::to_string(c) + "," + std::to_string(k) + "," +
-           std::to_string(stride) + "," + std::to_string(pt) + "," + std::to_string(pb) + "," +
-           std::to_string(pl) + "," + std::to_string(pr);
+    std::string key = std::to_string(kind);
+    for (int64_t v : {n, h, w, c, co, k, stride, pt, pb, pl, pr, groups_}) {
+      key += "," + std::to_string(v);
+    }
+    return key;
   }
   memory::desc Src() const { return {{n, c, h, w}, memory::data_type::f32, Tag::nhwc}; }
-  memory::desc Dst() const { return {{n, c, oh, ow}, memory::data_type::f32, Tag::nhwc}; }
-  memory::desc Wei(Tag tag = Tag::hwigo) const {
-    return {{c, 1, 1, k, k}, memory::data_type::f32, tag};
+  memory::desc Dst() const { return {{n, co, oh, ow}, memory::data_type::f32, Tag::nhwc}; }
+  memory::desc Wei(Tag tag = Tag::undef) const {
+    if (groups_ > 1) {
+      return {{groups_, co / groups_, c / groups_, k, k}, memory::data_type::f32,
+              tag == Tag::undef ? Tag::hwigo : tag};
+    }
+    return {{co, c, k, k}, memory::data_type::f32, tag == Tag::undef ? Tag::hwio : tag};
   }
   memory::dims Strides() const { return {stride, stride}; }
   memory::dims PadL() const { return {pt, pl}; }
@@ -99,10 +107,12 @@ const Entry& Cached(const Geometry& g, int kind) {
   return it->second;
 }
 
-// x: (n, h, w, c) and y: (n, oh, ow, c) give the geometry; the kernel is (k, k, 1, c).
-Geometry MakeGeometry(ffi::Span<const int64_t> x, ffi::Span<const int64_t> y, int64_t k,
-                      int64_t stride, int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
-  return Geometry{x[0], x[1], x[2], x[3], k, y[1], y[2], stride, pt, pb, pl, pr};
+// x: (n, h, w, c), y: (n, oh, ow, co) and the (k, k, c / groups, co) kernel.
+Geometry MakeGeometry(ffi::Span<const int64_t> x, ffi::Span<const int64_t> y,
+                      ffi::Span<const int64_t> kernel, int64_t stride, int64_t pt, int64_t pb,
+                      int64_t pl, int64_t pr) {
+  return Geometry{x[0], x[1], x[2], x[3], y[3], kernel[0], y[1], y[2], stride,
+                  pt,   pb,   pl,   pr,   x[3] / kernel[2]};
 }
 
 ffi::Error Run(const Geometry& g, int kind, void* src_or_dst_a, void* weights,
@@ -143,7 +153,7 @@ ffi::Error Run(const Geometry& g, int kind, void* src_or_dst_a, void* weights,
 
 ffi::Error Fwd(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y,
                int64_t stride, int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
-  Geometry g = MakeGeometry(x.dimensions(), y->dimensions(), w.dimensions()[0], stride, pt, pb,
+  Geometry g = MakeGeometry(x.dimensions(), y->dimensions(), w.dimensions(), stride, pt, pb,
                             pl, pr);
   return Run(g, 0, x.typed_data(), w.typed_data(), y->typed_data());
 }
@@ -151,7 +161,7 @@ ffi::Error Fwd(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::ResultBuff
 ffi::Error BwdData(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w,
                    ffi::ResultBuffer<ffi::F32> dx, int64_t stride, int64_t pt, int64_t pb,
                    int64_t pl, int64_t pr) {
-  Geometry g = MakeGeometry(dx->dimensions(), dy.dimensions(), w.dimensions()[0], stride, pt,
+  Geometry g = MakeGeometry(dx->dimensions(), dy.dimensions(), w.dimensions(), stride, pt,
                             pb, pl, pr);
   return Run(g, 1, dy.typed_data(), w.typed_data(), dx->typed_data());
 }
@@ -159,7 +169,7 @@ ffi::Error BwdData(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w,
 ffi::Error BwdWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
                       ffi::ResultBuffer<ffi::F32> dw, int64_t stride, int64_t pt, int64_t pb,
                       int64_t pl, int64_t pr) {
-  Geometry g = MakeGeometry(x.dimensions(), dy.dimensions(), dw->dimensions()[0], stride, pt,
+  Geometry g = MakeGeometry(x.dimensions(), dy.dimensions(), dw->dimensions(), stride, pt,
                             pb, pl, pr);
   return Run(g, 2, x.typed_data(), dw->typed_data(), dy.typed_data());
 }
@@ -178,19 +188,20 @@ auto Bind() {
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(DnnlDepthwiseFwd, Fwd, Bind());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(DnnlDepthwiseBwdData, BwdData, Bind());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(DnnlDepthwiseBwdWeights, BwdWeights, Bind());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DnnlConvFwd, Fwd, Bind());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DnnlConvBwdData, BwdData, Bind());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DnnlConvBwdWeights, BwdWeights, Bind());
 
 // Which oneDNN implementation serves a shape (e.g. "jit_dw:avx512_core"), for tests and
 // benchmarks: a reference ("ref:any") implementation would be orders of magnitude slower.
-extern "C" const char* DnnlDepthwiseImplInfo(int64_t n, int64_t h, int64_t w, int64_t c,
-                                             int64_t k, int64_t stride, int64_t pt, int64_t pb,
-                                             int64_t pl, int64_t pr, int kind) {
+// groups is 1 or c (depthwise, co = c).
+extern "C" const char* DnnlConvImplInfo(int64_t n, int64_t h, int64_t w, int64_t c, int64_t co,
+                                        int64_t k, int64_t stride, int64_t pt, int64_t pb,
+                                        int64_t pl, int64_t pr, int64_t groups, int kind) {
   static thread_local std::string info;
   const int64_t oh = (h + pt + pb - k) / stride + 1, ow = (w + pl + pr - k) / stride + 1;
   try {
-    info = Cached(Geometry{n, h, w, c, k, oh, ow, stride, pt, pb, pl, pr}, kind).impl;
+    info = Cached(Geometry{n, h, w, c, co, k, oh, ow, stride, pt, pb, pl, pr, groups}, kind).impl;
   } catch (const dnnl::error& e) {
     info = std::string("error: ") + e.what();
   }
