@@ -72,7 +72,7 @@ def _out_shape(x_shape, kernel_shape, stride: int, pads):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def conv(x, kernel, stride: int, pads):
-  """NHWC float32 `x`, HWIO kernel ((k, k, 1, C): depthwise); pads ((top, bottom), (left, right))."""
+  """NHWC float32 `x`, HWIO kernel ((k, k, 1, C): depthwise); pads ((top, bot), (left, right))."""
   return _call('fwd', _out_shape(x.shape, kernel.shape, stride, pads), x, kernel, stride, pads)
 
 
