@@ -13,6 +13,8 @@ Systems (`--systems`, comma separated, each `name[:key=value[,key=value]]`):
   keras_tf      ... on the TensorFlow backend, TF's own (oneDNN) kernels.
   keras_tf_xla  ... on the TensorFlow backend with `jit_compile=True`.
   torch         PyTorch + timm (skipped unless both are importable).
+`torch:autocast=bfloat16` runs PyTorch's forward under `torch.autocast` (mixed
+precision; compare with `ours:dtype=bfloat16`).
 Every system also takes `malloc=default|tuned`, `threads=N` (pin the worker
 to N cores), `xla=FLAG+FLAG` (extra XLA_FLAGS) and, for the peers,
 `arch=KerasClassName` (e.g. `keras_tf:arch=ResNet152`).
@@ -49,6 +51,7 @@ architecture's multiply-adds (x2, x3 for a train step) for every system.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -433,6 +436,7 @@ class TorchRunner(Runner):
                  'timm': timm.__version__}
     arch = cfg['options'].get('arch') or TIMM_NAMES[cfg['model']]
     self.info['arch'] = arch
+    self.cfg_options = cfg['options']
     size, rng = cfg['image_size'], np.random.default_rng(0)
     model = timm.create_model(arch, num_classes=1000).to(memory_format=torch.channels_last)
     self.torch, self.model, self.first_call_s, self.compile_s = torch, model, {}, {}
@@ -455,15 +459,22 @@ class TorchRunner(Runner):
 
   def run(self, mode, steps):
     torch = self.torch
+    # `torch:autocast=bfloat16`: PyTorch's mixed precision (bf16 convs and matmuls, fp32
+    # weights and reductions), its counterpart of our `ours:dtype=bfloat16`.
+    autocast = self.cfg_options.get('autocast', '')
+    precision = (torch.autocast('cpu', dtype=getattr(torch, autocast)) if autocast
+                 else contextlib.nullcontext())
     for _ in range(steps):
       if mode == 'train':
         self.model.train()
         self.opt.zero_grad(set_to_none=True)
-        self.loss(self.model(self._x), self._y).backward()
+        with precision:
+          loss = self.loss(self.model(self._x), self._y)
+        loss.backward()
         self.opt.step()
       else:
         self.model.eval()
-        with torch.inference_mode():
+        with torch.inference_mode(), precision:
           self.model(self._xe)
 
 
