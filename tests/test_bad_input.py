@@ -58,7 +58,7 @@ _snapshot = smoke_run.snapshot
     (dict(eval_batch_size=0), r"^eval_batch_size=0; accepted: > 0$"),
     (dict(num_classes=0), r"^num_classes=0; accepted: > 0, or -1 \(default\)$"),
     ({'model.depthwise': 'grouped_'}, r"^model\.depthwise='grouped_'; accepted: auto, grouped, "
-                                      r"shifted$"),
+                                      r"shifted, dnnl$"),
     ({'model.padding': 'valid'}, r"^model\.padding='valid'; accepted: same, symmetric$"),
     (dict(dtype='float16'), r"^dtype='float16'; accepted: float32, bfloat16$"),
     (dict(sharding='zero3'), r"^sharding='zero3'; accepted: replicate, fsdp$"),
