@@ -24,7 +24,7 @@ def get_config(arg=None):
       bn_momentum=-1.0,  # < 0: family default (V1 0.99, V2 0.9)
       bn_epsilon=-1.0,  # < 0: family default (1e-3; flax's own default would be 1e-5)
       padding='same',  # TF SAME; 'symmetric' for PyTorch-trained weights
-      depthwise='auto',  # 'auto', 'grouped', 'shifted'
+      depthwise='auto',  # 'auto', 'grouped', 'shifted', 'dnnl' (make kernels)
       # Memory / compile time (efficientnet_jax/model.py); same parameters either way.
       remat=False,  # recompute each block's activations in the backward pass
       scan_blocks=False,  # one nn.scan per stage's repeats: faster compiles for deep models
