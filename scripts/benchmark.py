@@ -550,8 +550,11 @@ class Worker:
     self.seconds: dict[str, list[float]] = {}
 
   def ask(self, cmd: dict, timeout: float) -> dict:
-    self.proc.stdin.write(json.dumps(cmd) + '\n')
-    self.proc.stdin.flush()
+    try:
+      self.proc.stdin.write(json.dumps(cmd) + '\n')
+      self.proc.stdin.flush()
+    except BrokenPipeError:  # it died between two questions, e.g. killed for memory
+      return {'error': f'worker exited with code {self.proc.wait()}{_signal_note(self.proc)}'}
     deadline = time.monotonic() + timeout
     while True:
       left = deadline - time.monotonic()
@@ -560,7 +563,7 @@ class Worker:
         return {'error': f'no reply within {timeout:.0f} s'}
       line = self.proc.stdout.readline()
       if not line:
-        return {'error': f'worker exited with code {self.proc.wait()}'}
+        return {'error': f'worker exited with code {self.proc.wait()}{_signal_note(self.proc)}'}
       if line.startswith(_REPLY):
         return json.loads(line[len(_REPLY):])
 
@@ -595,6 +598,12 @@ def _setup(worker: Worker, modes: list[str], args) -> None:
         return
   _log(args, f'{worker.spec}: ready, compile {worker.setup["compile_s"] or ""} '
              f'first call {worker.setup["first_call_s"] or ""}')
+
+
+def _signal_note(proc: subprocess.Popen) -> str:
+  if proc.returncode == -9:
+    return ' (SIGKILL: out of memory? `--isolate` runs one system at a time)'
+  return ''
 
 
 def _timed_round(worker: Worker, modes: list[str], args) -> None:

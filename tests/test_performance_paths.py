@@ -521,3 +521,16 @@ def test_benchmark_system_specs_and_ratios():
   env = bench.worker_env({'xla': '--x=1+--y=2'}, 'tuned', '--z=3')
   assert env['MALLOC_MMAP_MAX_'] == '0' and env['XLA_FLAGS'].endswith('--z=3 --x=1 --y=2')
   assert 'MALLOC_MMAP_MAX_' not in bench.worker_env({'malloc': 'default'}, 'tuned', '')
+
+
+def test_benchmark_reports_a_worker_killed_between_questions():
+  # A worker the kernel kills for memory between two turns is skipped, not a crash.
+  bench = _benchmark_module()
+  worker = bench.Worker.__new__(bench.Worker)
+  worker.proc = subprocess.Popen([sys.executable, '-c', 'import os, signal; '
+                                  'os.kill(os.getpid(), signal.SIGKILL)'],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+  worker.proc.wait()
+  reply = worker.ask({'cmd': 'run'}, timeout=5)
+  assert reply == {'error': 'worker exited with code -9 (SIGKILL: out of memory? `--isolate` '
+                            'runs one system at a time)'}
