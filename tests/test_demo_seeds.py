@@ -1,20 +1,14 @@
 """scripts/demo_seeds.py on finished workdirs written here (it trains nothing)."""
 
-import importlib.util
 import json
-import os
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.script_loader import load_script
 
 
 def _script():
-  spec = importlib.util.spec_from_file_location(
-      'demo_seeds', os.path.join(REPO, 'scripts', 'demo_seeds.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return load_script('demo_seeds')
 
 
 def _finished_seed(root, seed, top1_by_epoch, wall_s, config=None):

@@ -6,7 +6,6 @@ one on tiny inputs: values, gradients and BN statistics to 1e-5 relative.
 
 import dataclasses
 import functools
-import importlib.util
 import os
 import subprocess
 import sys
@@ -28,9 +27,14 @@ from efficientnet_jax import optim
 from efficientnet_jax.model import remat as remat_lib
 from efficientnet_jax.model import create_model, infer, resolve_infer_chunk
 from efficientnet_jax.model import stack_block_variables, unstack_block_variables
+from tests.script_loader import load_script
 
 RTOL = 1e-5
 SLOW = dict(depthwise_impl='grouped', conv_impl='conv', bn_impl='flax')
+# (kernel, stride, size, padding): odd and even sizes, both paddings, strides 1 and 2.
+DEPTHWISE_CASES = [
+    (3, 1, 8, 'same'), (3, 2, 8, 'same'), (3, 2, 9, 'same'), (5, 2, 9, 'same'),
+    (5, 1, 7, 'symmetric'), (3, 2, 7, 'symmetric'), (5, 2, 12, 'same'), (5, 2, 6, 'same')]
 NEEDS_DNNL = pytest.mark.skipif(not dnnl.available(), reason='`make kernels` did not build oneDNN')
 
 
@@ -71,9 +75,7 @@ def _shifted_autodiff(x, kernel, stride, pads):
   return kernels._shifted_forward(kernels._pad_hw(x, pads), kernel, stride)
 
 
-@pytest.mark.parametrize('kernel,stride,size,padding', [
-    (3, 1, 8, 'same'), (3, 2, 8, 'same'), (3, 2, 9, 'same'), (5, 2, 9, 'same'),
-    (5, 1, 7, 'symmetric'), (3, 2, 7, 'symmetric'), (5, 2, 12, 'same'), (5, 2, 6, 'same')])
+@pytest.mark.parametrize('kernel,stride,size,padding', DEPTHWISE_CASES)
 def test_shifted_depthwise_custom_vjp_matches_autodiff_and_grouped(kernel, stride, size, padding):
   x = jax.random.normal(jax.random.key(0), (3, size, size + 1, 5))
   w = jax.random.normal(jax.random.key(1), (kernel, kernel, 1, 5))
@@ -92,9 +94,7 @@ def test_shifted_depthwise_custom_vjp_matches_autodiff_and_grouped(kernel, strid
 
 
 @NEEDS_DNNL
-@pytest.mark.parametrize('kernel,stride,size,padding', [
-    (3, 1, 8, 'same'), (3, 2, 8, 'same'), (3, 2, 9, 'same'), (5, 2, 9, 'same'),
-    (5, 1, 7, 'symmetric'), (3, 2, 7, 'symmetric'), (5, 2, 12, 'same'), (5, 2, 6, 'same')])
+@pytest.mark.parametrize('kernel,stride,size,padding', DEPTHWISE_CASES)
 def test_dnnl_depthwise_matches_grouped(kernel, stride, size, padding):
   x = jax.random.normal(jax.random.key(0), (3, size, size + 1, 5))
   w = jax.random.normal(jax.random.key(1), (kernel, kernel, 1, 5))
@@ -498,11 +498,7 @@ def test_tuned_malloc_keeps_freed_blocks_resident():
 
 
 def _benchmark_module():
-  path = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'scripts', 'benchmark.py')
-  spec = importlib.util.spec_from_file_location('benchmark_script', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return load_script('benchmark')
 
 
 def test_benchmark_system_specs_and_ratios():

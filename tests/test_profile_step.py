@@ -1,17 +1,10 @@
 """scripts/profile_step.py's bookkeeping: op classes and exclusive times (no profiling here)."""
 
-import importlib.util
-import os
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.script_loader import load_script
 
 
 def _script():
-  spec = importlib.util.spec_from_file_location(
-      'profile_step', os.path.join(REPO, 'scripts', 'profile_step.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return load_script('profile_step')
 
 
 def test_jax_ops_are_classified_by_their_name_stack():
