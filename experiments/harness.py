@@ -33,7 +33,6 @@ import dataclasses
 import functools
 import json
 import os
-import signal
 import platform
 import shutil
 import sys
@@ -42,6 +41,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from efficientnet_jax import experiment
 from efficientnet_jax import cpu_tuning
+from efficientnet_jax import runtime
 from experiments import stats
 
 RESULT_FILE = 'result.json'  # written once a run's final eval is done
@@ -365,29 +365,6 @@ def _run_one(study: Study, study_dir: str, point: Point, seed: int, prefix: str,
   return run_point(study, point, seed, workdir, **run_args)
 
 
-class _StopRequest:
-  """Remembers a SIGTERM for the whole study; `train.run`'s own handler passes it on."""
-
-  def __init__(self):
-    self.requested = False
-    self._previous = None
-
-  def __enter__(self):
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # not the main thread
-      self._previous = None
-    return self
-
-  def _handle(self, signum, frame):
-    del signum, frame
-    self.requested = True
-
-  def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-
-
 def run_study(study: Study, root: str, *, shard: tuple[int, int] = (0, 1),
               names: Sequence[str] = (), collect_only: bool = False,
               extra: Mapping[str, Any] | None = None, num_devices: int = 0,
@@ -406,7 +383,8 @@ def run_study(study: Study, root: str, *, shard: tuple[int, int] = (0, 1),
   began = time.perf_counter()
   trained = 0
   run_args = {'extra': extra, 'num_devices': num_devices}
-  with _StopRequest() as stop:
+  # The SIGTERM handler train.run installs per run passes the signal on to this one.
+  with runtime.Preemption() as stop:
     for i, (point, seed) in enumerate(todo):
       prefix = f'[{study.name} {i + 1}/{len(todo)}] {point.name}/seed{seed}'
       if stop.requested:  # SIGTERM after a run's last step, or between runs

@@ -75,12 +75,18 @@ def _shifted_autodiff(x, kernel, stride, pads):
   return kernels._shifted_forward(kernels._pad_hw(x, pads), kernel, stride)
 
 
-@pytest.mark.parametrize('kernel,stride,size,padding', DEPTHWISE_CASES)
-def test_shifted_depthwise_custom_vjp_matches_autodiff_and_grouped(kernel, stride, size, padding):
+def _depthwise_inputs(kernel, stride, size, padding):
+  """A non-square NHWC input, a (k, k, 1, C) kernel and the pads of one DEPTHWISE_CASES row."""
   x = jax.random.normal(jax.random.key(0), (3, size, size + 1, 5))
   w = jax.random.normal(jax.random.key(1), (kernel, kernel, 1, 5))
   pads = [blocks.conv_padding(size, kernel, stride, padding),
           blocks.conv_padding(size + 1, kernel, stride, padding)]
+  return x, w, pads
+
+
+@pytest.mark.parametrize('kernel,stride,size,padding', DEPTHWISE_CASES)
+def test_shifted_depthwise_custom_vjp_matches_autodiff_and_grouped(kernel, stride, size, padding):
+  x, w, pads = _depthwise_inputs(kernel, stride, size, padding)
   fns = {'custom': lambda x, w: kernels.depthwise_conv(x, w, stride, pads, 'shifted'),
          'autodiff': lambda x, w: _shifted_autodiff(x, w, stride, pads),
          'grouped': lambda x, w: kernels.depthwise_conv(x, w, stride, pads, 'grouped')}
@@ -96,10 +102,7 @@ def test_shifted_depthwise_custom_vjp_matches_autodiff_and_grouped(kernel, strid
 @NEEDS_DNNL
 @pytest.mark.parametrize('kernel,stride,size,padding', DEPTHWISE_CASES)
 def test_dnnl_depthwise_matches_grouped(kernel, stride, size, padding):
-  x = jax.random.normal(jax.random.key(0), (3, size, size + 1, 5))
-  w = jax.random.normal(jax.random.key(1), (kernel, kernel, 1, 5))
-  pads = [blocks.conv_padding(size, kernel, stride, padding),
-          blocks.conv_padding(size + 1, kernel, stride, padding)]
+  x, w, pads = _depthwise_inputs(kernel, stride, size, padding)
   fns = {impl: jax.jit(lambda x, w, impl=impl: kernels.depthwise_conv(x, w, stride, pads, impl))
          for impl in ('dnnl', 'grouped')}
   _assert_close(fns['dnnl'](x, w), fns['grouped'](x, w))
