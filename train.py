@@ -105,7 +105,7 @@ def main(argv):
   # Orbax and tfds log every file operation at INFO; progress lines are printed.
   logging.set_verbosity(logging.WARNING)
   from efficientnet_jax import cpu_tuning  # pylint: disable=g-import-not-at-top
-  cpu_tuning.tune_malloc()  # before the first large buffer; see cpu_tuning.py
+  cpu_tuning.tune_process()  # before the first large buffer; see cpu_tuning.py
   from efficientnet_jax import runtime  # pylint: disable=g-import-not-at-top
   runtime.best_effort_console()  # a closed stdout pipe must not stop training
   from efficientnet_jax import train  # pylint: disable=g-import-not-at-top

@@ -706,6 +706,7 @@ def main_for(make_study: Callable[[], Study], args: argparse.Namespace) -> int:
   if args.list:
     print_list(study)
     return 0
+  cpu_tuning.tune_process()  # see efficientnet_jax/cpu_tuning.py
   try:
     shard = parse_shard(args.shard)
     names = [n for n in args.points.split(',') if n]

@@ -8,7 +8,9 @@ Systems (`--systems`, comma separated, each `name[:key=value[,key=value]]`):
                 (images per inference micro-batch, 0: whole batch), and
                 `state_layout=flat|per_leaf` (optimizer slots and EMA; default
                 flat, as train.py on one device), and `cpu_train_opt_level=N`
-                (LLVM level of the train step on CPU; default 1, as train.py).
+                (LLVM level of the train step on CPU; default 1, as train.py),
+                and `dispatch=inline|async` (CPU computations on the calling
+                thread, as train.py, or JAX's async dispatch; cpu_tuning.py).
   keras_jax     Keras 3 `keras.applications` EfficientNet on the JAX backend.
   keras_tf      ... on the TensorFlow backend, TF's own (oneDNN) kernels.
   keras_tf_xla  ... on the TensorFlow backend with `jit_compile=True`.
@@ -35,9 +37,11 @@ Memory: `peak_rss_mb` is the worker's ru_maxrss; `info.train_xla_memory_mb` is
 XLA's buffer assignment for our train step (arguments, outputs, temporaries),
 known at compile time, so `--compile_only` already shows what remat saves.
 
-Model FLOP utilisation: XLA's cost analysis of our compiled step (flops per
-step) / step time / a measured fp32 matmul peak; `model_mfu` uses the
-architecture's multiply-adds (x2, x3 for a train step) for every system.
+Model FLOP utilisation (the table's MFU, `model_mfu`): the architecture's
+multiply-adds (x2, x3 for a train step) / step time / a measured fp32 matmul
+peak, the same count for every system. `mfu` in the JSON uses XLA's cost
+analysis of our compiled step instead, which does not see the flops inside
+oneDNN's custom calls.
 
   .venv/bin/python scripts/benchmark.py                        # B0 224, train b32, eval b64
   .venv/bin/python scripts/benchmark.py --json                 # one JSON object on stdout
@@ -192,6 +196,11 @@ class OursRunner(Runner):
     from efficientnet_jax.model import create_model
     from efficientnet_jax.model import infer
 
+    dispatch = cfg['options'].get('dispatch', 'inline')
+    if dispatch not in ('inline', 'async'):
+      raise ValueError(f'dispatch={dispatch!r}; accepted: inline, async')
+    if dispatch == 'inline':  # before the CPU client exists, as train.py
+      cpu_tuning.run_cpu_computations_inline()
     if cfg.get('cache_dir'):
       jax.config.update('jax_compilation_cache_dir', cfg['cache_dir'])
       jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
@@ -199,7 +208,8 @@ class OursRunner(Runner):
                  'matmul_gflops': round(matmul_peak_gflops(), 1)}
     kwargs = {k: _literal(v) for k, v in cfg['options'].items()
               if k not in ('malloc', 'threads', 'xla', 'infer_chunk', 'state_layout',
-                           'cpu_train_opt_level')}
+                           'cpu_train_opt_level', 'dispatch')}
+
     # What train.py uses on one device ('auto' -> flat); 'per_leaf' is the sharded runs'.
     layout = cfg['options'].get('state_layout', 'flat')
     infer_chunk = _literal(cfg['options'].get('infer_chunk', 'auto'))
@@ -516,9 +526,10 @@ def worker_main(cfg: dict) -> None:
                'first_call_s': getattr(runner, 'first_call_s', {}),
                'info': runner.info, 'rss_mb': round(_rss_mb())})
       elif cmd['cmd'] == 'run':
-        start = time.perf_counter()
+        faults, start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
         runner.run(cmd['mode'], cmd['steps'])
-        reply({'seconds': time.perf_counter() - start})
+        reply({'seconds': time.perf_counter() - start,
+               'minflt': resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults})
       elif cmd['cmd'] == 'finish':
         reply({'peak_rss_mb': round(_rss_mb())})
         return
@@ -548,6 +559,7 @@ class Worker:
     self.error: str | None = None
     self.setup: dict = {}
     self.seconds: dict[str, list[float]] = {}
+    self.faults: dict[str, list[float]] = {}  # minor page faults per timed step
 
   def ask(self, cmd: dict, timeout: float) -> dict:
     try:
@@ -620,6 +632,7 @@ def _timed_round(worker: Worker, modes: list[str], args) -> None:
       worker.close()
       return
     worker.seconds.setdefault(mode, []).append(reply['seconds'] / args.steps)
+    worker.faults.setdefault(mode, []).append(reply['minflt'] / args.steps)
 
 
 def _finish(worker: Worker, args) -> None:
@@ -686,6 +699,9 @@ def run_benchmark(args) -> dict:
       row[f'{mode}_img_s'] = round(batches[mode] / step_s, 2) if step_s else None
       row[f'{mode}_step_s'] = round(step_s, 4) if step_s else None
       row[f'{mode}_step_s_all'] = [round(t, 4) for t in times] if times else []
+      # Pages the kernel had to map in (and zero) per step: memory handed back and re-faulted.
+      faults = worker.faults.get(mode)
+      row[f'{mode}_page_faults'] = round(statistics.median(faults)) if faults else None
       compile_s = worker.setup['compile_s'].get(mode)
       if compile_s is None and mode in worker.setup['first_call_s'] and step_s:
         # Peers compile inside their first call: first call minus one step.
@@ -737,7 +753,9 @@ def print_table(result: dict) -> None:
         f'{" (interleaved)" if result["interleaved"] else ""}')
   cols = [('train img/s', 'train_img_s'), ('eval img/s', 'eval_img_s'),
           ('train compile s', 'train_compile_s'), ('eval compile s', 'eval_compile_s'),
-          ('peak RSS MB', 'peak_rss_mb'), ('train MFU', 'train_mfu'), ('eval MFU', 'eval_mfu')]
+          ('peak RSS MB', 'peak_rss_mb'), ('train MFU', 'train_model_mfu'),
+          ('eval MFU', 'eval_model_mfu'),
+          ('train faults', 'train_page_faults')]
   width = max([len(s) for s in result['systems']] + [8])
   print(f'{"system":<{width}} ' + ' '.join(f'{c:>15}' for c, _ in cols))
   for name, row in result['systems'].items():
@@ -750,7 +768,7 @@ def print_table(result: dict) -> None:
       cells.append(f'{"-" if v is None else (f"{v:.1%}" if "mfu" in key else v):>15}')
     print(f'{name:<{width}} ' + ' '.join(cells))
   if result['matmul_peak_gflops']:
-    print(f'MFU = XLA cost-analysis flops / step time / measured fp32 matmul peak '
+    print(f'MFU = model multiply-adds x 2 (x 3 train) / step time / measured fp32 matmul peak '
           f'({result["matmul_peak_gflops"]} GFLOP/s)')
   for pair, r in result['ratios'].items():
     print(f'{pair}: ' + ', '.join(f'{m} {v:.2f}x' for m, v in r.items()))

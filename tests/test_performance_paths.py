@@ -500,6 +500,42 @@ def test_tuned_malloc_keeps_freed_blocks_resident():
   assert resident['tuned'] >= 256, resident
 
 
+_STEP_FAULTS = r"""
+import resource, sys
+from efficientnet_jax import cpu_tuning
+cpu_tuning.tune_process() if sys.argv[1] == 'inline' else cpu_tuning.tune_malloc()
+import jax, jax.numpy as jnp
+x = jnp.ones((1 << 25,), jnp.float32)  # 128 MiB: above glibc's per-thread arena heaps
+step = jax.jit(lambda x: (x * 2.0)[::-1] + x)
+for _ in range(4):  # the heap reaches its steady state
+  step(x).block_until_ready()
+faults = []
+for _ in range(5):
+  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  step(x).block_until_ready()
+  faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(sorted(faults)[2])  # the median call's
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='glibc malloc only')
+def test_inline_cpu_dispatch_stops_a_step_from_refaulting_its_buffers():
+  # With JAX's async dispatch a worker thread allocates the 128 MiB output, from
+  # mmap, and every call faults all of its 32,768 pages in again; run inline
+  # (train.py's setting) it comes from the tuned main heap and is reused (a call
+  # may still grow the heap once, hence the median call).
+  repo = os.path.dirname(os.path.dirname(__file__))
+  env = {k: v for k, v in os.environ.items() if not k.startswith('MALLOC_')}
+  env['XLA_FLAGS'] = ''  # one CPU device: the single-device path train.py takes
+  faults = {}
+  for mode in ('async', 'inline'):
+    out = subprocess.run([sys.executable, '-c', _STEP_FAULTS, mode], cwd=repo, env=env,
+                         capture_output=True, text=True, check=True).stdout
+    faults[mode] = int(out.split()[-1])
+  assert faults['async'] >= 30_000, faults
+  assert faults['inline'] < 1_000, faults
+
+
 def _benchmark_module():
   return load_script('benchmark')
 
