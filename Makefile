@@ -25,9 +25,10 @@ data:
 	  { echo "installing Debian package dataset-fashion-mnist"; \
 	    apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; }
 
-# oneDNN's depthwise conv for XLA:CPU (efficientnet_jax/model/dnnl.py), built against Debian's
-# libdnnl-dev and jaxlib's FFI headers. Optional: where it cannot be built (no root for apt-get,
-# no g++) the model keeps its pure-JAX kernels and the tests that need it skip.
+# oneDNN's convolutions for XLA:CPU (efficientnet_jax/model/dnnl.py; 'auto' uses them on one CPU
+# device), built against Debian's libdnnl-dev and jaxlib's FFI headers. Optional: where it cannot
+# be built (no root for apt-get, no g++) the model keeps its pure-JAX kernels and the tests that
+# need it skip.
 DNNL_SO := efficientnet_jax/model/_dnnl_conv.so
 $(DNNL_SO): efficientnet_jax/model/dnnl_conv.cc $(VENV)/.installed
 	@test -f /usr/include/dnnl.hpp || { echo "installing Debian package libdnnl-dev"; \
@@ -43,14 +44,14 @@ test: venv data kernels lint
 lint: venv
 	$(PY) -m ruff check .
 
-test-slow: venv data
+test-slow: venv data kernels
 	$(PY) -m pytest -q -n 2 -m slow tests $(PYTEST_ARGS)
 
-demo: venv data
+demo: venv data kernels
 	$(PY) train.py --config=configs/demo.py --workdir=runs/demo
 
 # The demo with seeds 0, 1, 2 (~40 min here): per-seed accuracy and time, mean and spread.
-demo-seeds: venv data
+demo-seeds: venv data kernels
 	$(PY) scripts/demo_seeds.py
 
 # The CPU benchmark against its peers. PyTorch (CPU build) + timm are installed into .peers/,

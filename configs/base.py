@@ -24,7 +24,9 @@ def get_config(arg=None):
       bn_momentum=-1.0,  # < 0: family default (V1 0.99, V2 0.9)
       bn_epsilon=-1.0,  # < 0: family default (1e-3; flax's own default would be 1e-5)
       padding='same',  # TF SAME; 'symmetric' for PyTorch-trained weights
+      # Kernels (efficientnet_jax/model/kernels.py): 'auto' is the fastest one on this backend.
       depthwise='auto',  # 'auto', 'grouped', 'shifted', 'dnnl' (make kernels)
+      conv='auto',  # 'auto', 'conv', 'matmul', 'dnnl' (make kernels): 1x1, stem and head convs
       # Memory / compile time (efficientnet_jax/model.py); same parameters either way.
       remat=False,  # recompute each block's activations in the backward pass
       scan_blocks=False,  # one nn.scan per stage's repeats: faster compiles for deep models

@@ -138,6 +138,7 @@ def _check_model_and_optimizer(config) -> None:
   _one_of(config, 'dtype', tuple(experiment.DTYPES))
   _one_of(config, 'model.padding', blocks.PADDINGS)
   _one_of(config, 'model.depthwise', kernels.DEPTHWISE_IMPLS)
+  _one_of(config, 'model.conv', kernels.CONV_IMPLS)
   for field in ('model.width', 'model.depth', 'model.resolution'):
     _positive(config, field, default=-1)
   _one_of(config, 'optimizer', optim.OPTIMIZERS)

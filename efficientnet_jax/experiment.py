@@ -70,6 +70,7 @@ def build_experiment(config, device_count: int | None = None) -> Experiment:
   replicas = device_count or jax.device_count()
   model = create_model(spec, num_classes=num_classes, dtype=DTYPES[config.dtype],
                        padding=config.model.padding, depthwise_impl=config.model.depthwise,
+                       conv_impl=config.model.conv,
                        remat=config.model.remat, scan_blocks=config.model.scan_blocks,
                        bn_groups=bn_groups.bn_group_count(config.bn_group_size, spec.family,
                                                           replicas))

@@ -2,6 +2,9 @@
 
 import dataclasses
 import functools
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -277,8 +280,27 @@ def test_depthwise_impls_agree_on_a_whole_model():
                              jax.jit(grouped.apply)(variables, x), atol=1e-5)
 
 
-def test_auto_depthwise_picks_shifted_on_cpu():
+_AUTO_IMPLS = """
+from efficientnet_jax.model import dnnl, kernels
+import jax
+print(jax.device_count(), dnnl.available(), kernels.resolve_depthwise_impl('auto'),
+      kernels.resolve_conv_impl('auto'))
+"""
+
+
+def test_auto_kernels_on_cpu_are_onednn_on_one_device_else_pure_jax():
+  # The tests' 8 simulated devices: the pure-JAX kernels (oneDNN's FFI call has
+  # no sharding rule).
+  assert jax.device_count() > 1
   assert kernels.resolve_depthwise_impl('auto') == 'shifted'
+  assert kernels.resolve_conv_impl('auto') == 'matmul'
+  # One device, as train.py on a CPU host: oneDNN where `make kernels` built it.
+  env = dict(os.environ, XLA_FLAGS='')
+  out = subprocess.run([sys.executable, '-c', _AUTO_IMPLS], env=env, check=True, text=True,
+                       capture_output=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+  devices, built, depthwise, conv = out.stdout.split()
+  assert devices == '1'
+  assert (depthwise, conv) == (('dnnl', 'dnnl') if built == 'True' else ('shifted', 'matmul'))
 
 
 def test_bf16_compute_keeps_params_stats_and_logits_fp32():

@@ -2,7 +2,8 @@
 
 `make kernels` compiles `dnnl_conv.cc` against Debian's `libdnnl-dev` into
 `_dnnl_conv.so` beside this file; without it `available()` is False and the
-model keeps its pure-JAX paths. float32 only (bfloat16 takes the JAX path).
+model keeps its pure-JAX paths. `'auto'` uses these kernels on one CPU device
+(`kernels.resolve_depthwise_impl`). float32 only (bfloat16 takes the JAX path).
 `conv` takes an HWIO kernel: (k, k, 1, C) is a depthwise conv, (k, k, Cin,
 Cout) an ordinary one. The forward and both backward passes are oneDNN
 primitives (`brdgmm_dw` / `jit_dw` for depthwise convs on AVX-512 machines);

@@ -2,7 +2,9 @@
 // and ordinary (groups = 1) ones.
 //
 // Built by `make kernels` (g++, Debian's libdnnl-dev, jax.ffi.include_dir()) into
-// _dnnl_conv.so next to this file; `dnnl.py` loads it when present. Three handlers,
+// _dnnl_conv.so next to this file; `dnnl.py` loads it when present. The source compiles
+// against oneDNN 2.x (Debian bookworm's 2.6.3) and 3.x (checked with PyPI's
+// onednn-devel-cpu-gomp 3.2), whose primitive-descriptor constructors differ. Three handlers,
 // float32, NHWC activations and the JAX model's HWIO kernel, (k, k, 1, C) for a
 // depthwise conv and (k, k, Cin, Cout) otherwise (the groups follow from the shapes):
 //   DnnlConvFwd         y  = conv(x, w)
@@ -62,11 +64,18 @@ dnnl::engine& Engine() {
   return engine;
 }
 
+// oneDNN 3 builds primitive descriptors directly; oneDNN 2 goes through an op descriptor.
 dnnl::convolution_forward::primitive_desc ForwardPd(const Geometry& g) {
+#if DNNL_VERSION_MAJOR >= 3
+  return dnnl::convolution_forward::primitive_desc(
+      Engine(), dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct,
+      g.Src(), g.Wei(Tag::any), g.Dst(), g.Strides(), g.PadL(), g.PadR());
+#else
   dnnl::convolution_forward::desc desc(
       dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct, g.Src(),
       g.Wei(Tag::any), g.Dst(), g.Strides(), g.PadL(), g.PadR());
   return dnnl::convolution_forward::primitive_desc(desc, Engine());
+#endif
 }
 
 struct Entry {
@@ -83,17 +92,29 @@ Entry MakeEntry(const Geometry& g, int kind) {
             fwd.impl_info_str()};
   }
   if (kind == 1) {
+#if DNNL_VERSION_MAJOR >= 3
+    dnnl::convolution_backward_data::primitive_desc pd(
+        Engine(), dnnl::algorithm::convolution_direct, g.Src(), g.Wei(Tag::any), g.Dst(),
+        g.Strides(), g.PadL(), g.PadR(), fwd);
+#else
     dnnl::convolution_backward_data::desc desc(dnnl::algorithm::convolution_direct, g.Src(),
                                                g.Wei(Tag::any), g.Dst(), g.Strides(),
                                                g.PadL(), g.PadR());
     dnnl::convolution_backward_data::primitive_desc pd(desc, Engine(), fwd);
+#endif
     return {std::make_unique<dnnl::convolution_backward_data>(pd), pd.weights_desc(),
             pd.impl_info_str()};
   }
+#if DNNL_VERSION_MAJOR >= 3
+  dnnl::convolution_backward_weights::primitive_desc pd(
+      Engine(), dnnl::algorithm::convolution_direct, g.Src(), g.Wei(Tag::any), g.Dst(),
+      g.Strides(), g.PadL(), g.PadR(), fwd);
+#else
   dnnl::convolution_backward_weights::desc desc(dnnl::algorithm::convolution_direct, g.Src(),
                                                 g.Wei(Tag::any), g.Dst(), g.Strides(),
                                                 g.PadL(), g.PadR());
   dnnl::convolution_backward_weights::primitive_desc pd(desc, Engine(), fwd);
+#endif
   return {std::make_unique<dnnl::convolution_backward_weights>(pd), pd.diff_weights_desc(),
           pd.impl_info_str()};
 }

@@ -34,22 +34,34 @@ def _resolve_impl(field: str, impl: str, accepted: tuple[str, ...], *, cpu: str,
   return impl
 
 
-def resolve_conv_impl(impl: str) -> str:
-  """'auto' picks 'matmul' on CPU (see `MatmulConv`), the native conv elsewhere.
+def _dnnl_or(fallback: str) -> str:
+  """'dnnl' where `auto` may use it, else `fallback` (a pure-JAX formulation).
 
-  'dnnl' (oneDNN through `jax.ffi`, CPU, float32) needs the library `make kernels` builds.
+  oneDNN serves one CPU device: its `jax.ffi` call has no sharding rule, so
+  under a multi-device sharding XLA would gather its operands onto every
+  device. Without `make kernels` the pure-JAX path runs.
   """
-  return _check_dnnl('conv_impl',
-                     _resolve_impl('conv_impl', impl, CONV_IMPLS, cpu='matmul', native='conv'))
+  return 'dnnl' if dnnl.available() and jax.device_count() == 1 else fallback
+
+
+def resolve_conv_impl(impl: str) -> str:
+  """'auto' on CPU: oneDNN's conv on one device when built, else 'matmul' (`MatmulConv`).
+
+  Elsewhere the native conv. 'dnnl' (oneDNN through `jax.ffi`, CPU, float32)
+  needs the library `make kernels` builds.
+  """
+  resolved = _resolve_impl('conv_impl', impl, CONV_IMPLS, cpu='auto', native='conv')
+  return _check_dnnl('conv_impl', _dnnl_or('matmul') if resolved == 'auto' else resolved)
 
 
 def resolve_depthwise_impl(impl: str) -> str:
-  """'auto' picks shifted multiply-adds on CPU (XLA:CPU's grouped convs are slow), else grouped.
+  """'auto' on CPU: oneDNN on one device when built, else shifted multiply-adds.
 
-  'dnnl' (oneDNN through `jax.ffi`, CPU, float32) needs the library `make kernels` builds.
+  (XLA:CPU's grouped convs are slow.) Elsewhere the grouped conv. 'dnnl'
+  (oneDNN through `jax.ffi`, CPU, float32) needs the library `make kernels` builds.
   """
-  resolved = _resolve_impl('depthwise', impl, DEPTHWISE_IMPLS, cpu='shifted', native='grouped')
-  return _check_dnnl('depthwise', resolved)
+  resolved = _resolve_impl('depthwise', impl, DEPTHWISE_IMPLS, cpu='auto', native='grouped')
+  return _check_dnnl('depthwise', _dnnl_or('shifted') if resolved == 'auto' else resolved)
 
 
 def _check_dnnl(field: str, impl: str) -> str:
