@@ -233,10 +233,12 @@ def unstack_block_variables(variables: dict, spec: ModelSpec) -> dict:
 # Images per inference micro-batch that 'auto' picks on CPU. XLA:CPU runs a
 # layer over the whole batch before the next one starts, so at batch 64 and
 # 224 px every activation (up to 300 MB for B0's expanded 112x112 maps) goes
-# out to DRAM and back; a few images at a time stay in cache between layers.
-# Measured on the 2-core benchmark machine (B0, 224 px, batch 64): see
-# scripts/benchmark.py `ours:infer_chunk=N`.
-CPU_INFER_CHUNK = 4
+# out to DRAM and back; a few images at a time keep it smaller, while too few
+# leave each conv call too little work. B0, 224 px, batch 64 on the 2-core
+# AVX-512 Xeon (2026-12-05, oneDNN kernels, one interleaved run of
+# scripts/benchmark.py `--modes eval` with `ours:infer_chunk=N`): 115 img/s at
+# 4, 137-154 at 8, 154-162 at 16, 156 at 32, 133 at the whole batch.
+CPU_INFER_CHUNK = 16
 
 
 def resolve_infer_chunk(chunk: int | str, batch: int) -> int:
