@@ -50,7 +50,7 @@ test-slow: venv data kernels
 demo: venv data kernels
 	$(PY) train.py --config=configs/demo.py --workdir=runs/demo
 
-# The demo with seeds 0, 1, 2 (~40 min here): per-seed accuracy and time, mean and spread.
+# The demo with seeds 0, 1, 2 (~30 min here): per-seed accuracy and time, mean and spread.
 demo-seeds: venv data kernels
 	$(PY) scripts/demo_seeds.py
 
