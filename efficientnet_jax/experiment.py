@@ -68,6 +68,11 @@ def build_experiment(config, device_count: int | None = None) -> Experiment:
   info = input_pipeline.dataset_info(data)
   num_classes = config.num_classes if config.num_classes > 0 else info['num_classes']
   replicas = device_count or jax.device_count()
+  for field in ('depthwise', 'conv'):
+    if config.model[field] == 'dnnl' and replicas > 1:  # 'auto' makes the same choice
+      raise ValueError(f"model.{field}='dnnl' serves one CPU device (its jax.ffi call has no "
+                       f"sharding rule) and this run has {replicas}; accepted here: auto, "
+                       "or the pure-JAX kernels")
   model = create_model(spec, num_classes=num_classes, dtype=DTYPES[config.dtype],
                        padding=config.model.padding, depthwise_impl=config.model.depthwise,
                        conv_impl=config.model.conv,

@@ -59,6 +59,9 @@ _snapshot = smoke_run.snapshot
     (dict(num_classes=0), r"^num_classes=0; accepted: > 0, or -1 \(default\)$"),
     ({'model.depthwise': 'grouped_'}, r"^model\.depthwise='grouped_'; accepted: auto, grouped, "
                                       r"shifted, dnnl$"),
+    ({'model.conv': 'xla'}, r"^model\.conv='xla'; accepted: auto, conv, matmul, dnnl$"),
+    ({'model.depthwise': 'dnnl'}, r"^model\.depthwise='dnnl' serves one CPU device .* this run "
+                                  r"has 8; accepted here: auto, or the pure-JAX kernels$"),
     ({'model.padding': 'valid'}, r"^model\.padding='valid'; accepted: same, symmetric$"),
     (dict(dtype='float16'), r"^dtype='float16'; accepted: float32, bfloat16$"),
     (dict(sharding='zero3'), r"^sharding='zero3'; accepted: replicate, fsdp$"),
