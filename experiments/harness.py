@@ -34,6 +34,7 @@ import functools
 import json
 import os
 import platform
+import re
 import shutil
 import sys
 import time
@@ -568,7 +569,12 @@ def provenance(rows: list[dict]) -> str:
 
 
 def publish(study_dir: str, dest: str) -> list[str]:
-  """Copies a study's generated outputs (results.md, results.csv, *.png) into `dest`."""
+  """Copies a study's generated outputs (results.md, results.csv, *.png) into `dest`.
+
+  Then the README.md nearest above `dest` whose text marks a block for it
+  (`readme_markers(dest)`) gets results.md's body there, so the README's
+  tables and verdicts are the generated ones. Returns what was written.
+  """
   names = sorted(n for n in os.listdir(study_dir)
                  if n in ('results.md', 'results.csv') or n.endswith('.png'))
   if 'results.md' not in names:
@@ -576,7 +582,39 @@ def publish(study_dir: str, dest: str) -> list[str]:
   os.makedirs(dest, exist_ok=True)
   for name in names:
     shutil.copyfile(os.path.join(study_dir, name), os.path.join(dest, name))
-  return names
+  readme = _splice_into_readme(dest)
+  return names + ([readme] if readme else [])
+
+
+def readme_markers(dest: str, readme_dir: str) -> tuple[str, str]:
+  """The comment lines that enclose the generated block of `dest` in readme_dir's README.md."""
+  key = os.path.relpath(os.path.abspath(dest), os.path.abspath(readme_dir))
+  return f'<!-- begin generated: {key} -->', f'<!-- end generated: {key} -->'
+
+
+def _splice_into_readme(dest: str) -> str | None:
+  """Puts dest/results.md (title dropped, links relative to the README) between its markers."""
+  folder = os.path.dirname(os.path.abspath(dest))
+  while True:
+    path = os.path.join(folder, 'README.md')
+    begin, end = readme_markers(dest, folder)
+    if os.path.exists(path):
+      with open(path, encoding='utf-8') as f:
+        text = f.read()
+      if begin in text and end in text:
+        break
+    if os.path.dirname(folder) == folder:
+      return None
+    folder = os.path.dirname(folder)
+  with open(os.path.join(dest, 'results.md'), encoding='utf-8') as f:
+    body = f.read().split('\n', 1)[1].strip()  # the title is the README's own heading
+  prefix = os.path.relpath(os.path.abspath(dest), folder)
+  body = re.sub(r'\]\((?!https?:|/)([^)]+)\)', lambda m: f']({prefix}/{m.group(1)})', body)
+  head, rest = text.split(begin, 1)
+  text = f'{head}{begin}\n{body}\n{end}{rest.split(end, 1)[1]}'
+  with open(path, 'w', encoding='utf-8') as f:
+    f.write(text)
+  return path
 
 
 def _progress_line(study: Study, rows: list[dict]) -> str:
@@ -665,7 +703,8 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
                       help='train on the first N devices (0 = all); 1 for quick CPU checks')
   parser.add_argument('--publish', default='', metavar='DIR',
                       help='afterwards copy results.md/.csv and the plots to DIR '
-                           '(e.g. the experiment\'s results/ folder in the repo)')
+                           '(e.g. the experiment\'s results/ folder in the repo), and put '
+                           'results.md into the README above DIR that marks a block for it')
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -714,8 +753,10 @@ def main_for(make_study: Callable[[], Study], args: argparse.Namespace) -> int:
     run_study(study, args.root, shard=shard, names=names, collect_only=args.collect_only,
               extra=extra, num_devices=args.num_devices)
     if args.publish:
-      copied = publish(os.path.join(args.root, study.name), args.publish)
-      print(f'[{study.name}] copied {", ".join(copied)} to {args.publish}', flush=True)
+      written = publish(os.path.join(args.root, study.name), args.publish)
+      readmes = [p for p in written if os.path.isabs(p)]
+      print(f'[{study.name}] copied {", ".join(n for n in written if n not in readmes)} to '
+            f'{args.publish}' + ''.join(f'; updated {p}' for p in readmes), flush=True)
   except ValueError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2

@@ -521,3 +521,29 @@ def test_publish_refuses_a_study_without_results(tmp_path):
   with pytest.raises(ValueError, match='has no results.md yet'):
     harness.publish(str(tmp_path / 'grid'), str(tmp_path / 'out'))
   assert not (tmp_path / 'out').exists()
+
+
+def test_publish_puts_the_generated_results_into_the_readme_that_marks_them(tmp_path):
+  study_dir = tmp_path / 'runs' / 'grid'
+  study_dir.mkdir(parents=True)
+  (study_dir / 'results.md').write_text(
+      '# Grid, small\n\n| point | n |\n|---|---|\n| a | 3 |\n\n## Verdicts\n\n- a − b: +1.0\n\n'
+      '![plot.png](plot.png) [csv](results.csv) [web](https://example.org/x)\n')
+  (study_dir / 'plot.png').write_bytes(b'png')
+  repo = tmp_path / 'exp'
+  dest = repo / 'results' / 'small' / 'grid'
+  begin, end = harness.readme_markers(str(dest), str(repo))
+  assert begin == '<!-- begin generated: results/small/grid -->'
+  (repo).mkdir()
+  (repo / 'README.md').write_text(f'# Study\n\n## Results\n\n{begin}\nold table\n{end}\n\nAfter.\n')
+  for _ in range(2):  # publishing again replaces the block, it does not nest it
+    written = harness.publish(str(study_dir), str(dest))
+    assert written == ['plot.png', 'results.md', str(repo / 'README.md')]
+    text = (repo / 'README.md').read_text()
+    assert text == (
+        f'# Study\n\n## Results\n\n{begin}\n| point | n |\n|---|---|\n| a | 3 |\n\n'
+        '## Verdicts\n\n- a − b: +1.0\n\n![plot.png](results/small/grid/plot.png) '
+        f'[csv](results/small/grid/results.csv) [web](https://example.org/x)\n{end}\n\nAfter.\n')
+  # Without markers nothing but the copies is written.
+  other = tmp_path / 'plain' / 'out'
+  assert harness.publish(str(study_dir), str(other)) == ['plot.png', 'results.md']
