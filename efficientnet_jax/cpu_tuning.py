@@ -24,9 +24,10 @@ grow to 13-20 GB resident by fragmentation, so it is not set here.
 The per-thread arenas are reached because JAX dispatches CPU computations
 asynchronously: a worker thread runs the step and allocates its buffers.
 `run_cpu_computations_inline` runs them on the calling (main) thread, whose
-arena obeys the settings above. Measured on the 2-core AVX-512 Xeon
-(2026-12-05, B0 train step at 224 px, batch 32): 507-562 thousand minor page
-faults and 0.7-0.9 s of system time per step before, none after. The trim
+arena obeys the settings above. On the 2-core AVX-512 Xeon (2026-12-05, B0
+train step at 224 px, batch 32; `train_page_faults` of scripts/benchmark.py
+with `ours:dispatch=async` against `ours`): 556,905 minor page faults per step
+before, none after. The trim
 threshold must also be infinite rather than 2 GiB - 1: B0's step frees ~2.2 GB
 at the heap top, and a finite threshold handed it back to the OS every step.
 """
