@@ -568,12 +568,13 @@ def provenance(rows: list[dict]) -> str:
           f'(`train s`: `train.run` wall time of a run, compiling and the final eval included).')
 
 
-def publish(study_dir: str, dest: str) -> list[str]:
+def publish(study_dir: str, dest: str) -> tuple[list[str], str | None]:
   """Copies a study's generated outputs (results.md, results.csv, *.png) into `dest`.
 
   Then the README.md nearest above `dest` whose text marks a block for it
-  (`readme_markers(dest)`) gets results.md's body there, so the README's
-  tables and verdicts are the generated ones. Returns what was written.
+  (`readme_markers`) gets results.md's body there, so the README's tables and
+  verdicts are the generated ones. Returns (the copied names, that README's
+  path or None).
   """
   names = sorted(n for n in os.listdir(study_dir)
                  if n in ('results.md', 'results.csv') or n.endswith('.png'))
@@ -582,8 +583,7 @@ def publish(study_dir: str, dest: str) -> list[str]:
   os.makedirs(dest, exist_ok=True)
   for name in names:
     shutil.copyfile(os.path.join(study_dir, name), os.path.join(dest, name))
-  readme = _splice_into_readme(dest)
-  return names + ([readme] if readme else [])
+  return names, _splice_into_readme(dest)
 
 
 def readme_markers(dest: str, readme_dir: str) -> tuple[str, str]:
@@ -753,10 +753,9 @@ def main_for(make_study: Callable[[], Study], args: argparse.Namespace) -> int:
     run_study(study, args.root, shard=shard, names=names, collect_only=args.collect_only,
               extra=extra, num_devices=args.num_devices)
     if args.publish:
-      written = publish(os.path.join(args.root, study.name), args.publish)
-      readmes = [p for p in written if os.path.isabs(p)]
-      print(f'[{study.name}] copied {", ".join(n for n in written if n not in readmes)} to '
-            f'{args.publish}' + ''.join(f'; updated {p}' for p in readmes), flush=True)
+      copied, readme = publish(os.path.join(args.root, study.name), args.publish)
+      print(f'[{study.name}] copied {", ".join(copied)} to {args.publish}'
+            + (f'; updated {readme}' if readme else ''), flush=True)
   except ValueError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2

@@ -537,8 +537,8 @@ def test_publish_puts_the_generated_results_into_the_readme_that_marks_them(tmp_
   (repo).mkdir()
   (repo / 'README.md').write_text(f'# Study\n\n## Results\n\n{begin}\nold table\n{end}\n\nAfter.\n')
   for _ in range(2):  # publishing again replaces the block, it does not nest it
-    written = harness.publish(str(study_dir), str(dest))
-    assert written == ['plot.png', 'results.md', str(repo / 'README.md')]
+    assert harness.publish(str(study_dir), str(dest)) == (['plot.png', 'results.md'],
+                                                          str(repo / 'README.md'))
     text = (repo / 'README.md').read_text()
     assert text == (
         f'# Study\n\n## Results\n\n{begin}\n| point | n |\n|---|---|\n| a | 3 |\n\n'
@@ -546,4 +546,4 @@ def test_publish_puts_the_generated_results_into_the_readme_that_marks_them(tmp_
         f'[csv](results/small/grid/results.csv) [web](https://example.org/x)\n{end}\n\nAfter.\n')
   # Without markers nothing but the copies is written.
   other = tmp_path / 'plain' / 'out'
-  assert harness.publish(str(study_dir), str(other)) == ['plot.png', 'results.md']
+  assert harness.publish(str(study_dir), str(other)) == (['plot.png', 'results.md'], None)
