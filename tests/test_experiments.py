@@ -301,6 +301,9 @@ def test_studies_take_the_preset_seeds_and_name_their_comparisons():
   assert (progressive.seeds, progressive.comparisons) == (
       3, [('progressive', 'fixed'), ('progressive_size', 'fixed')])
   assert progressive.extra_metrics[0].lower_is_better
+  # An eval every half epoch (234 of 468 steps): the time-to-target clock.
+  fixed = harness.point_config(progressive, progressive.points[0], None, seed=1)
+  assert (fixed.eval_every_steps, fixed.num_epochs, fixed.seed) == (234, 3.0, 1)
   # Every stage keeps a 3x3 final map (30 px, the old smallest stage, left 1x1).
   smallest = {p.name: p.overrides.get('progressive.image_size_min', p.overrides.get(
       'image_size', p.overrides['model.resolution'])) for p in progressive.points}
