@@ -2,6 +2,8 @@
 
     python scripts/demo_seeds.py                      # seeds 0,1,2 in runs/demo_seeds/seed<k>
     python scripts/demo_seeds.py --collect_only --json
+    python scripts/demo_seeds.py --config=configs/demo_progressive.py \
+        --root=runs/demo_progressive_seeds --against=runs/demo_seeds
 
 Seed k runs `train.py --config=configs/demo.py --workdir=<root>/seed<k> --config.seed=k`
 in its own process, timed from launch to exit: what `make demo` costs once the venv
@@ -12,7 +14,10 @@ config than today's `configs/demo.py` (seed aside) is refused.
 Prints, per seed, the EMA test top-1 after each epoch, the final raw top-1, the wall
 time and the median training img/s; then the mean, sample std and 95 % t interval of
 the final EMA top-1 (`experiments/stats.py`) and the goals (--min_top1 for every seed,
---min_mean, --max_wall_s for every run); exits 1 if a goal is missed.
+--min_mean, --max_wall_s for every run); exits 1 if a goal is missed. With
+--against=ROOT (another config's seeds, e.g. the fixed-size demo's), also the
+difference to those runs in final EMA top-1 and wall time, paired by seed, with
+its 95 % t interval and verdict.
 """
 
 from __future__ import annotations
@@ -115,6 +120,35 @@ def report(rows: list[dict], args: argparse.Namespace) -> dict:
           'ci95': [summary.low, summary.high], 'goals': goals}
 
 
+def compare(rows: list[dict], against: list[dict], name: str, other: str) -> list[str]:
+  """Verdict lines for rows − against: final EMA top-1 (points) and wall time (s), by seed."""
+  lines = []
+  for key, label, unit, scale, lower in (
+      ('top1', 'final EMA test top-1', 'points', 100, False),
+      ('wall_s', 'wall time', 's', 1, True)):
+    diff = stats.paired_difference({r['seed']: scale * r[key] for r in rows},
+                                   {r['seed']: scale * r[key] for r in against})
+    lines.append(stats.verdict_line(name, other, diff, label, unit=unit,
+                                    digits=2 if unit == 'points' else 1,
+                                    lower_is_better=lower))
+  return lines
+
+
+def collect(root: str, config_path: str, seeds: list[int], train: bool) -> list[dict]:
+  """The finished seeds under root, training (or resuming) the others when `train`."""
+  rows = []
+  for seed in seeds:
+    workdir = os.path.abspath(os.path.join(root, f'seed{seed}'))
+    check_config(workdir, config_path, seed)
+    if seed_row(workdir, seed) is None and train:
+      os.makedirs(workdir, exist_ok=True)
+      run_seed(workdir, config_path, seed)
+    row = seed_row(workdir, seed)
+    if row is not None:
+      rows.append(row)
+  return rows
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--seeds', default='0,1,2', help='comma-separated config.seed values')
@@ -125,25 +159,27 @@ def main(argv=None) -> int:
   parser.add_argument('--min_mean', type=float, default=0.905)
   parser.add_argument('--max_wall_s', type=float, default=900.0)
   parser.add_argument('--json', action='store_true', help='also print the report as JSON')
+  parser.add_argument('--against', default='', metavar='ROOT',
+                      help="another run of this script's root (its seeds' config.json says "
+                           'its config) to compare with, paired by seed')
   args = parser.parse_args(argv)
   try:
     seeds = [int(s) for s in args.seeds.split(',')]
   except ValueError:
     parser.error(f'--seeds={args.seeds!r}: expected comma-separated integers, e.g. 0,1,2')
-  rows = []
-  for seed in seeds:
-    workdir = os.path.abspath(os.path.join(args.root, f'seed{seed}'))
-    check_config(workdir, args.config, seed)
-    if seed_row(workdir, seed) is None and not args.collect_only:
-      os.makedirs(workdir, exist_ok=True)
-      run_seed(workdir, args.config, seed)
-    row = seed_row(workdir, seed)
-    if row is not None:
-      rows.append(row)
+  rows = collect(args.root, args.config, seeds, train=not args.collect_only)
   if not rows:
     print(f'error: no finished seed under {args.root}', file=sys.stderr)
     return 2
   out = report(rows, args)
+  if args.against:
+    against = [row for row in (seed_row(os.path.join(args.against, f'seed{seed}'), seed)
+                               for seed in seeds) if row is not None]
+    out['against'] = {'root': args.against, 'verdicts': compare(
+        rows, against, os.path.basename(os.path.normpath(args.root)),
+        os.path.basename(os.path.normpath(args.against)))}
+    for line in out['against']['verdicts']:
+      print(line)
   if args.json:
     print(json.dumps(out, indent=1))
   return 0 if all(out['goals'].values()) else 1

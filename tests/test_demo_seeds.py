@@ -62,3 +62,22 @@ def test_a_workdir_of_another_config_is_refused(tmp_path):
   _finished_seed(tmp_path, 0, [0.91], wall_s=600.0, config={'batch_size': 256, 'seed': 0})
   with pytest.raises(SystemExit, match=r"trained with another config \(fields \[.*'batch_size'"):
     demo_seeds.main(['--collect_only', f'--root={tmp_path}', '--seeds=0'])
+
+
+def test_against_pairs_each_seed_with_the_other_configs_run(tmp_path, capsys):
+  demo_seeds = _script()
+  fixed, progressive = tmp_path / 'fixed', tmp_path / 'progressive'
+  for seed, (a, b) in enumerate([(0.9157, 0.9055), (0.9230, 0.9101), (0.9225, 0.9140)]):
+    _finished_seed(fixed, seed, [a], wall_s=560.0 + seed)
+    _finished_seed(progressive, seed, [b], wall_s=460.0 + 2 * seed)
+  demo_seeds.main(['--collect_only', f'--root={progressive}', f'--against={fixed}', '--json'])
+  out = capsys.readouterr().out
+  # top-1 differences -1.02, -1.29, -0.85 points: mean -1.053, std 0.222,
+  # half-width 4.303 * 0.222 / sqrt(3) = 0.551: -1.60 to -0.50.
+  assert ('progressive − fixed: −1.05 points of final EMA test top-1 (95 % CI −1.60 to '
+          '−0.50, paired over 3 seeds): fixed is better') in out
+  # wall differences -100, -99, -98 s: the progressive runs are faster.
+  assert ('progressive − fixed: −99.0 s of wall time (95 % CI −101.5 to −96.5, paired over '
+          '3 seeds): progressive is better (lower)') in out
+  report = json.loads(out[out.index('{'):])
+  assert report['against']['root'] == str(fixed)
