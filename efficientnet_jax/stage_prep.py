@@ -125,3 +125,15 @@ def stage_start_record(prepared: PreparedStage, *, plan: StagePlan, stall_s: flo
           'epoch': plan.epoch_at(prepared.begin_step), 'stall_s': stall_s,
           'compile_s': prepared.compile_s, 'data_s': prepared.data_s,
           'aot_compile': aot_compile}
+
+
+def stage_start_line(record: dict) -> str:
+  """The console line of a stage_start record: what the stage trains and what starting it cost."""
+  verb = 'resumes' if record['resumed'] else 'starts'
+  ahead = (f'compiled {record["compile_s"]:.1f} s ahead, ' if record['aot_compile']
+           and record['compile_s'] else '')
+  return (f'stage {record["stage"] + 1}/{record["num_stages"]} {verb} at step '
+          f'{record["step"]}: {record["image_size"]} px, batch {record["batch_size"]}, '
+          f'dropout {record["dropout"]:g}, mixup {record["mixup_alpha"]:g}, cutmix '
+          f'{record["cutmix_alpha"]:g}, RandAugment {record["randaug_magnitude"]:g}; '
+          f'stall {record["stall_s"]:.2f} s ({ahead}data {record["data_s"]:.1f} s)')

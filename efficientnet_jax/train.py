@@ -296,9 +296,12 @@ def _train_stage(loop: _Loop, prepared, state, step: int, last_eval):
     if step == prepared.begin_step:
       # Wall time from the previous stage's last step to this stage's first
       # dispatch: pipeline hand-over plus any compile left to do.
-      loop.writer.write(stage_prep.stage_start_record(
+      record = stage_prep.stage_start_record(
           prepared, plan=plan, stall_s=time.perf_counter() - prepared.stall_from,
-          aot_compile=config.progressive.aot_compile))
+          aot_compile=config.progressive.aot_compile)
+      loop.writer.write(record)
+      if len(plan.stages) > 1 and jax.process_index() == 0:
+        print(stage_prep.stage_start_line(record), flush=True)
     step += 1
     logger.after_step(step, metrics, stage.batch_size)
     if step % eval_every == 0 or step == plan.total_steps:

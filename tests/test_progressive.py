@@ -3,6 +3,7 @@
 import collections
 import importlib
 import json
+import re
 import math
 import os
 import shutil
@@ -203,7 +204,8 @@ def _count_traces(monkeypatch):
 
 
 @pytest.mark.parametrize('aot', [True, False])
-def test_one_compile_per_distinct_stage_shape_plus_eval(data_root, tmp_path, monkeypatch, aot):
+def test_one_compile_per_distinct_stage_shape_plus_eval(data_root, tmp_path, monkeypatch, aot,
+                                                        capsys):
   traces = _count_traces(monkeypatch)
   # Sizes 31, 31.33, 31.67, 32 round to 31, 31, 32, 32: two shapes for four stages.
   config = _config(data_root, **_NO_AUGMENT, train_steps=4,
@@ -214,6 +216,13 @@ def test_one_compile_per_distinct_stage_shape_plus_eval(data_root, tmp_path, mon
   assert [(r['stage'], r['image_size'], r['step']) for r in starts] == [
       (0, 31, 0), (1, 31, 1), (2, 32, 2), (3, 32, 3)]
   assert all(r['aot_compile'] == aot and r['stall_s'] >= 0 for r in starts)
+  # One console line per stage: its values and what starting it cost.
+  lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith('stage ')]
+  assert [line.split(';')[0] for line in lines] == [
+      f'stage {i + 1}/4 starts at step {i}: {size} px, batch 8, dropout 0.2, mixup {mixup}, '
+      'cutmix 0, RandAugment 0'
+      for i, (size, mixup) in enumerate(zip((31, 31, 32, 32), (0, 0.1, 0.2, 0.3)))]
+  assert all(re.search(r'; stall \d+\.\d\d s \(.*data \d+\.\d s\)$', line) for line in lines)
   assert dict(traces) == {('train', (8, 31, 31), 0.2): 1, ('train', (8, 32, 32), 0.2): 1,
                           ('eval', (8, 32, 32)): 1}
 
