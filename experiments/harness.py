@@ -275,6 +275,20 @@ def time_to_target(evals: Sequence[dict], target: float, key: str = 'top1') -> f
   return None
 
 
+def last_epoch_gain(evals: Sequence[dict], key: str = 'top1') -> float | None:
+  """How much `key` rose over a run's last epoch; near 0: the run had converged.
+
+  The last eval minus the latest one an epoch or more before it; None where
+  the run has no such eval.
+  """
+  curve = [e for e in evals if e.get('epoch') is not None and e.get(key) is not None]
+  if not curve:
+    return None
+  last = curve[-1]
+  earlier = [e for e in curve[:-1] if e['epoch'] <= last['epoch'] - 1 + 1e-9]
+  return last[key] - earlier[-1][key] if earlier else None
+
+
 def run_point(study: Study, point: Point, seed: int, workdir: str,
               extra: Mapping[str, Any] | None = None, num_devices: int = 0) -> dict:
   """Trains (or resumes) one (point, seed) to the end; writes and returns its result record.
@@ -492,7 +506,7 @@ def summary_table(study: Study, rows: list[dict]) -> str:
   for key in keys:
     short = METRIC_LABELS.get(key, key).split()[0]  # 'EMA', 'raw'
     header += [f'top-1 {short} %', f'{short} std', f'{short} 95 % CI']
-  header.append('train s (mean)')
+  header += ['last-epoch gain', 'train s (mean)']
   body = []
   for point in study.points:
     runs = [r for r in rows if r['point'] == point.name]
@@ -502,6 +516,9 @@ def summary_table(study: Study, rows: list[dict]) -> str:
                                                  'macs', 'steps')] + [str(len(runs))]
     for key in keys:
       cells += _summary_cells(stats.mean_ci([r[key] for r in runs]), 100, 2)
+    gains = [g for g in (last_epoch_gain(r.get('evals', []), study.metric) for r in runs)
+             if g is not None]
+    cells.append(stats.signed(100 * sum(gains) / len(gains)) if gains else '—')
     walls = [float(r['train_wall_s']) for r in runs]
     body.append(cells + [f'{sum(walls) / len(walls):.0f}'])
   return _table(header, body)
@@ -637,8 +654,9 @@ def _progress_line(study: Study, rows: list[dict]) -> str:
 
 SUMMARY_NOTE = ('Per point: n finished seeds, the mean, the sample standard deviation and the '
                 '95 % confidence interval of the mean (Student t: mean ± t(0.975, n−1)·std/√n); '
-                '— where n = 1. Top-1 in %; `train s` is the mean training wall time of a run. '
-                'One row per run: results.csv.')
+                '— where n = 1. Top-1 in %; `last-epoch gain` is the mean rise of that top-1 '
+                'over a run\'s last epoch, in points (near 0: converged); `train s` is the mean '
+                'training wall time of a run. One row per run: results.csv.')
 METRIC_NOTE = ('Over the runs that have a value (`runs with a value`: e.g. those that reached '
                'the target); the others are left out here and in the verdicts.')
 VERDICT_NOTE = ('Each line is a − b, averaged over the seeds both points have, paired by '

@@ -332,9 +332,9 @@ def test_results_summarise_the_seeds_and_state_verdicts(tmp_path):
   assert ('10 of 12 runs finished: 4 points × 3 seeds (config.seed 0-2); '
           'missing: p3 (seeds 1, 2).') in table
   low, high = scipy_stats.t.interval(0.95, 2, loc=81.0, scale=1.0 / 3 ** 0.5)
-  assert f'| p0 | f0 | 100 | 0.00 M | 2 | 3 | 81.00 | 1.00 | {low:.2f} – {high:.2f} | 11 |' \
-      in table
-  assert '| p3 | f3 | 100 | 0.00 M | 2 | 1 | 90.00 | — | — | 10 |' in table
+  assert (f'| p0 | f0 | 100 | 0.00 M | 2 | 3 | 81.00 | 1.00 | {low:.2f} – {high:.2f} | — | 11 |'
+          in table)  # no eval curve, no last-epoch gain
+  assert '| p3 | f3 | 100 | 0.00 M | 2 | 1 | 90.00 | — | — | — | 10 |' in table
   verdicts = table.split('## Verdicts')[1]
   # Paired differences 5, 4, 7 points: t(0.975, 2) * 1.528 / sqrt(3) = 3.79 either side.
   assert ('- p1 − p0: +5.33 points of EMA top-1 (95 % CI +1.54 to +9.13, paired over 3 '
@@ -344,6 +344,16 @@ def test_results_summarise_the_seeds_and_state_verdicts(tmp_path):
   assert ('- p3 − p0: +10.00 points of EMA top-1 (paired over 1 seed): the 95 % interval '
           'cannot be computed from one seed') in verdicts
   assert harness.study_verdicts(study, rows)[0] == verdicts.split('\n- ')[1].split('\n')[0]
+
+
+def test_last_epoch_gain_is_the_last_eval_minus_the_one_an_epoch_before():
+  evals = [{'epoch': e, 'top1': t} for e, t in ((0.5, 0.70), (1.0, 0.80), (1.5, 0.84),
+                                                 (2.0, 0.86), (2.5, 0.87), (3.0, 0.875))]
+  assert harness.last_epoch_gain(evals) == pytest.approx(0.875 - 0.86)
+  assert harness.last_epoch_gain(evals[:2]) is None  # no eval a whole epoch before the last
+  assert harness.last_epoch_gain([{'epoch': 1.0, 'top1': 0.5}, {'epoch': 2.0, 'top1': None}]) \
+      is None
+  assert harness.last_epoch_gain([], 'raw_top1') is None
 
 
 def test_time_to_target_across_resumed_invocations(tmp_path):
