@@ -134,6 +134,6 @@ def stage_start_line(record: dict) -> str:
            and record['compile_s'] else '')
   return (f'stage {record["stage"] + 1}/{record["num_stages"]} {verb} at step '
           f'{record["step"]}: {record["image_size"]} px, batch {record["batch_size"]}, '
-          f'dropout {record["dropout"]:g}, mixup {record["mixup_alpha"]:g}, cutmix '
-          f'{record["cutmix_alpha"]:g}, RandAugment {record["randaug_magnitude"]:g}; '
+          f'dropout {record["dropout"]:.3g}, mixup {record["mixup_alpha"]:.3g}, cutmix '
+          f'{record["cutmix_alpha"]:.3g}, RandAugment {record["randaug_magnitude"]:.3g}; '
           f'stall {record["stall_s"]:.2f} s ({ahead}data {record["data_s"]:.1f} s)')
