@@ -455,8 +455,8 @@ def result_rows(study: Study, root: str) -> list[dict]:
 
 
 def columns(study: Study) -> list[str]:
-  return ['point', 'seed', *study.info_columns, *BASE_COLUMNS[1:],
-          *(m.key for m in study.extra_metrics)]
+  cols = ['point', 'seed', *study.info_columns, *BASE_COLUMNS[1:]]
+  return cols + [m.key for m in study.extra_metrics if m.key not in cols]
 
 
 def _fmt(key: str, value) -> str:
