@@ -299,7 +299,8 @@ def test_studies_take_the_preset_seeds_and_name_their_comparisons():
       ('table_b1', 'formula_matched_b1'), ('table_b1', 'formula_phi1')]
   progressive = progressive_study.make_study('small')
   assert (progressive.seeds, progressive.comparisons) == (
-      3, [('progressive', 'fixed'), ('progressive_size', 'fixed')])
+      3, [('progressive', 'fixed'), ('progressive_size', 'fixed'),
+          ('progressive', 'progressive_size'), ('fixed_small', 'fixed')])
   assert progressive.extra_metrics[0].lower_is_better
   # An eval every half epoch (234 of 468 steps): the time-to-target clock.
   fixed = harness.point_config(progressive, progressive.points[0], None, seed=1)

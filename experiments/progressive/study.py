@@ -60,7 +60,10 @@ def final_map(size: int) -> int:
   return -(-size // TOTAL_STRIDE)
 
 
-COMPARISONS = [('progressive', 'fixed'), ('progressive_size', 'fixed')]
+# The method against fixed-size training; then what each of its parts does:
+# growing the size alone, growing regularisation on top, training small throughout.
+COMPARISONS = [('progressive', 'fixed'), ('progressive_size', 'fixed'),
+               ('progressive', 'progressive_size'), ('fixed_small', 'fixed')]
 
 
 def _progressive(min_size: int, full: int, *, num_stages: int, regularise: bool) -> dict:
