@@ -15,7 +15,10 @@ from typing import Any, Mapping
 
 import difflib
 import importlib.util
+import json
 import os
+
+import ml_collections
 
 from efficientnet_jax import checkpointing
 from efficientnet_jax import cpu_tuning
@@ -41,6 +44,27 @@ def load(spec: str):
   config_module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(config_module)
   return config_module.get_config(arg or None)
+
+
+def load_saved(workdir: str):
+  """The ConfigDict a training run saved as `<workdir>/config.json` (train.py writes it).
+
+  JSON has no tuples, so lists are read back as tuples, the configs' sequence type.
+  """
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.isfile(path):
+    raise ValueError(f'{workdir} has no config.json (train.py saves one when it starts); '
+                     'pass the --config it was trained with')
+  with open(path, encoding='utf-8') as f:
+    return ml_collections.ConfigDict(_lists_to_tuples(json.load(f)))
+
+
+def _lists_to_tuples(value):
+  if isinstance(value, dict):
+    return {key: _lists_to_tuples(item) for key, item in value.items()}
+  if isinstance(value, list):
+    return tuple(_lists_to_tuples(item) for item in value)
+  return value
 
 
 def unknown_field_message(config, key: str) -> str:

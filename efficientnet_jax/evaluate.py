@@ -4,9 +4,11 @@
   python -m efficientnet_jax.evaluate --weights=efficientnet-b3 --data.data_dir=/data/tfds
   python -m efficientnet_jax.evaluate --weights=lite0 --data.name=folder --data.folder=val/
 
-Workdir (`--workdir` with its `--config`; `--weights=<workdir>` is the same):
-the checkpoint's EMA and raw weights on the config's eval split with the
-config's eval preprocessing. `--step` picks a checkpoint (default the newest).
+Workdir (`--workdir`; `--weights=<workdir>` is the same): the checkpoint's EMA
+and raw weights on the config's eval split with the config's eval
+preprocessing. The config is `--config`, or else the `config.json` training
+saved in the workdir. `--step` picks a checkpoint (default the newest),
+`--image_size` another eval resolution.
 
 Imported weights (`--weights`, resolved as in predict.py: lite0..2, an official
 TF checkpoint, a Keras .h5, a timm / lukemelas .pth; `--model`, `--origin`) on
@@ -207,7 +209,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                                    description=__doc__.split('\n')[0])
   weights_load.add_weights_args(parser)
   parser.set_defaults(weights=None)  # evaluate names its weights (or a workdir) explicitly
-  parser.add_argument('--workdir', default=None, help='a training workdir (with --config)')
+  parser.add_argument('--workdir', default=None,
+                      help='a training workdir (--config, default the config.json saved there)')
   add = parser.add_argument
   add('--data.name', dest='data_name', default=None,
       help="imagenet2012 (default), another 1000-class TFDS name, or 'folder'")
@@ -275,18 +278,21 @@ def evaluate_weights_from_args(args: argparse.Namespace) -> tuple[dict, list[str
   return out, notes
 
 
-def _workdir_args(args: argparse.Namespace) -> tuple[str, str]:
-  """(workdir, config) of a workdir evaluation; ValueError for flags it does not take."""
+def _workdir_args(args: argparse.Namespace):
+  """(workdir, ConfigDict) of a workdir evaluation; ValueError for flags it does not take.
+
+  The config is `--config`, or else the one the run saved in the workdir (a
+  study's runs have no config file of their own).
+  """
   if args.workdir and args.weights:
     raise ValueError(f'--workdir={args.workdir} and --weights={args.weights}; accepted: one')
   workdir = args.workdir or args.weights
-  if not args.config:
-    raise ValueError(f'{workdir} is a training workdir: pass the --config it was trained with')
   given = [flag for dest, flag in _DATA_FLAGS.items() if getattr(args, dest) is not None]
   if given:
     raise ValueError(f'{", ".join(given)} apply to imported --weights; a workdir is '
                      "evaluated on its config's eval split and preprocessing")
-  return workdir, args.config
+  config = config_lib.load(args.config) if args.config else config_lib.load_saved(workdir)
+  return workdir, config
 
 
 def _print_text(out: dict) -> None:
@@ -310,10 +316,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     if not args.workdir and not args.weights:
       raise ValueError('nothing to evaluate; accepted: --weights=<lite0|file|TF checkpoint> '
-                       'or --workdir=<dir> --config=<file>')
+                       'or --workdir=<dir> [--config=<file>]')
     if args.workdir or weights_load.is_workdir(args.weights):
       workdir, config = _workdir_args(args)
-      out = evaluate_checkpoint(config_lib.load(config), workdir, args.step, args.image_size)
+      out = evaluate_checkpoint(config, workdir, args.step, args.image_size)
     else:
       out, notes = evaluate_weights_from_args(args)
   except (ValueError, FileNotFoundError) as e:

@@ -154,7 +154,7 @@ def test_bad_input_is_one_line(tmp_path, capsys):
       f'--data.folder={tmp_path / "ok"}')
   workdir = tmp_path / 'run'
   (workdir / 'checkpoints').mkdir(parents=True)
-  assert 'pass the --config' in _error(capsys, f'--workdir={workdir}')
+  assert 'has no config.json' in _error(capsys, f'--workdir={workdir}')
   assert '--data.name apply to imported --weights' in _error(
       capsys, f'--weights={workdir}', '--config=configs/demo.py', '--data.name=folder')
 

@@ -2,6 +2,7 @@
 
 import dataclasses
 import functools
+import json
 import os
 import subprocess
 import sys
@@ -224,12 +225,15 @@ def test_cli_value_error_is_one_line_and_exit_2(tmp_path):
   assert _untouched(tmp_path / 'w')
 
 
-def test_evaluate_cli_reads_the_checkpoint_at_another_resolution(tmp_path):
+def test_evaluate_cli_reads_the_checkpoint_at_another_resolution(tmp_path, capsys):
   from efficientnet_jax import evaluate  # pylint: disable=g-import-not-at-top
   train.run(_smoke_config(train_steps=1), str(tmp_path))
   out = evaluate.evaluate_checkpoint(_smoke_config(), str(tmp_path), image_size=40)
   assert (out['step'], out['image_size'], out['ema']['count'], out['raw']['count']) == (
       1, 40, 13, 13)
+  # Without --config the CLI reads the config.json training saved: the same numbers.
+  assert evaluate.main([f'--workdir={tmp_path}', '--image_size=40', '--json']) == 0
+  assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == out
 
 
 # Slow (70 s in the suite): tests/test_fault_drill.py's SIGTERM case checks the same
