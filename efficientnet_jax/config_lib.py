@@ -18,8 +18,6 @@ import importlib.util
 import json
 import os
 
-import ml_collections
-
 from efficientnet_jax import checkpointing
 from efficientnet_jax import cpu_tuning
 from efficientnet_jax import experiment
@@ -55,6 +53,7 @@ def load_saved(workdir: str):
   if not os.path.isfile(path):
     raise ValueError(f'{workdir} has no config.json (train.py saves one when it starts); '
                      'pass the --config it was trained with')
+  import ml_collections  # pylint: disable=g-import-not-at-top  (not in every runtime image)
   with open(path, encoding='utf-8') as f:
     return ml_collections.ConfigDict(_lists_to_tuples(json.load(f)))
 
