@@ -44,12 +44,23 @@ def load(spec: str):
   return config_module.get_config(arg or None)
 
 
+def saved_path(workdir: str) -> str:
+  """Where `save` writes a run's config: `<workdir>/config.json`."""
+  return os.path.join(workdir, 'config.json')
+
+
+def save(config, workdir: str) -> None:
+  """Writes the run's config as JSON (for `load_saved`, and for people reading the workdir)."""
+  with open(saved_path(workdir), 'w', encoding='utf-8') as f:
+    f.write(config.to_json_best_effort(indent=1, sort_keys=True))
+
+
 def load_saved(workdir: str):
-  """The ConfigDict a training run saved as `<workdir>/config.json` (train.py writes it).
+  """The ConfigDict `save` wrote in `workdir` (train.py saves it when it starts).
 
   JSON has no tuples, so lists are read back as tuples, the configs' sequence type.
   """
-  path = os.path.join(workdir, 'config.json')
+  path = saved_path(workdir)
   if not os.path.isfile(path):
     raise ValueError(f'{workdir} has no config.json (train.py saves one when it starts); '
                      'pass the --config it was trained with')

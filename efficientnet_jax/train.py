@@ -83,8 +83,7 @@ def run(config, workdir: str, devices=None) -> RunResult:
   state, start_step = _init_or_restore(setup, config, workdir)
   exp, plan = setup.exp, setup.exp.plan
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'config.json'), 'w', encoding='utf-8') as f:
-      f.write(config.to_json_best_effort(indent=1, sort_keys=True))
+    config_lib.save(config, workdir)
   writer = MetricWriter(workdir)
   logger = TrainLogger(writer, plan=plan, schedule=exp.schedule,
                        log_every=config.log_every_steps, start_step=start_step)

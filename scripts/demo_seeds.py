@@ -48,7 +48,7 @@ def read_jsonl(path: str) -> list[dict]:
 def check_config(workdir: str, config_path: str, seed: int) -> None:
   """Refuses a workdir whose config.json differs from today's config (seed aside)."""
   from efficientnet_jax import config_lib  # pylint: disable=g-import-not-at-top
-  path = os.path.join(workdir, 'config.json')
+  path = config_lib.saved_path(workdir)
   if not os.path.exists(path):
     return
   want = config_lib.load(config_path)
